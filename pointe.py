@@ -1,0 +1,504 @@
+"""pointe.py -- Point-E (Nichol et al., 2022): text -> image -> coloured point cloud -> mesh.
+
+Pipeline, in the paper's order:
+  1. a text-to-image model draws one synthetic view of the prompt (the paper: fine-tuned GLIDE);
+  2. a transformer diffusion model turns CLIP features of that view into 1024 coloured points;
+  3. an upsampler diffusion model, conditioned on those points, adds 3072 more (4096 in all);
+  4. an SDF regression model turns the cloud into a signed distance field; marching cubes gives
+     the mesh, each vertex coloured by its nearest point.
+Both diffusion models are Gaussian diffusions (1024 steps, epsilon prediction, learned-range
+variance) sampled with the Karras/Heun sampler and classifier-free guidance on the denoised x0.
+
+Run:
+  python pointe.py --prompt "a yellow sphere"               # the toy models from data/pointe/
+  python pointe.py --prompt "a red chair" --base base40M-textvec --weights point_e_model_cache
+  python pointe.py train --stage all --steps 3000           # train the toy models on the toy world
+Outputs go to out/pointe/<name>/: image.png, points.ply (4096 coloured points), mesh.ply, mesh.obj.
+
+The model classes load the official checkpoints (openai/point-e: base_40m_textvec.pt, base_40m.pt,
+base_300m.pt, base_1b.pt, upsample_40m.pt, sdf.pt) with load_state_dict(strict=True). CLIP is not
+part of them: its features come from common.py's CLIP prior.
+
+DEVIATION: attention uses torch's scaled_dot_product_attention (same maths as the official
+  q.k / sqrt(d) softmax; it differs only in rounding).
+DEVIATION: classifier-free dropout of the CLIP input happens in the training loop, not inside
+  forward() as in the official code (same effect: the whole input zeroed with p = 0.1).
+DEVIATION: the toy models are much smaller (256 + 768 points, widths 256/128) so that they train
+  in minutes and sample on a CPU; the toy image prior is the project's tiny diffusion prior.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ================================================================================================
+# Config: the official model configurations (names as in openai/point-e) and our toy ones
+# ================================================================================================
+
+_B40 = dict(kind="points", width=512, layers=12, heads=8, n_ctx=1024, schedule="cosine")
+MODEL_CONFIGS = {
+    "base40M-imagevec": dict(_B40, cond="vec", clip_dim=768),
+    "base40M-textvec": dict(_B40, cond="vec", clip_dim=768),
+    "base40M-uncond": dict(_B40, cond=None),
+    "base40M": dict(_B40, cond="grid", clip_dim=1024),
+    "base300M": dict(_B40, cond="grid", clip_dim=1024, width=1024, layers=24, heads=16),
+    "base1B": dict(_B40, cond="grid", clip_dim=1024, width=2048, layers=24, heads=32),
+    "upsample": dict(_B40, cond="grid", clip_dim=1024, n_ctx=3072, cond_ctx=1024, schedule="linear"),
+    "sdf": dict(kind="sdf", width=256, n_ctx=4096, encoder_layers=8, encoder_heads=4,
+                decoder_layers=4, decoder_heads=4),
+    # toy: clip_dim of toy-base is filled in from the CLIP prior at build time
+    "toy-base": dict(kind="points", width=256, layers=6, heads=4, n_ctx=256, schedule="cosine",
+                     cond="vec", clip_dim=None),
+    "toy-upsample": dict(kind="points", width=256, layers=6, heads=4, n_ctx=768, cond_ctx=256,
+                         schedule="linear", cond=None),
+    "toy-sdf": dict(kind="sdf", width=128, n_ctx=1024, encoder_layers=4, encoder_heads=4,
+                    decoder_layers=2, decoder_heads=4),
+}
+CHECKPOINT_FILES = {"base40M-imagevec": "base_40m_imagevec.pt", "base40M-textvec": "base_40m_textvec.pt",
+                    "base40M-uncond": "base_40m_uncond.pt", "base40M": "base_40m.pt",
+                    "base300M": "base_300m.pt", "base1B": "base_1b.pt", "upsample": "upsample_40m.pt",
+                    "sdf": "sdf.pt"}
+INIT_SCALE = 0.25
+TIMESTEPS = 1024
+# data space (xyz, RGB 0..255) -> model space: x * scale + bias  (xyz x2, colour -> [-1, 1])
+CHANNEL_SCALES = [2.0, 2.0, 2.0, 2.0 / 255.0, 2.0 / 255.0, 2.0 / 255.0]
+CHANNEL_BIASES = [0.0, 0.0, 0.0, -1.0, -1.0, -1.0]
+# Karras sampler per stage (PointCloudSampler's defaults): (base, upsampler)
+SAMPLER = dict(steps=64, sigma_min=1e-3, sigma_max=(120.0, 160.0), rho=7.0, s_churn=(3.0, 0.0),
+               guidance=3.0)
+MESH_GRID, MESH_SIDE, MESH_BATCH = 128, 1.02, 4096
+COND_DROP = 0.1
+
+# ================================================================================================
+# Models: a transformer over point tokens (base / upsampler) and the SDF model
+# ================================================================================================
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t (B,) -> (B, dim): [cos(t f_i), sin(t f_i)],
+    f_i = max_period^(-i / (dim/2)). Cos first, as in the official code."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]                                      # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def init_linear(layer: nn.Linear, std: float):
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+
+
+class MLP(nn.Module):
+    """width -> 4 width -> width with exact (erf) GELU."""
+
+    def __init__(self, width: int, std: float):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        init_linear(self.c_fc, std), init_linear(self.c_proj, std)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+def attention(q, k, v, heads: int) -> torch.Tensor:
+    """Multi-head attention. q (B, T, H*d), k and v (B, S, H*d) -> (B, T, H*d)."""
+    B, T, W = q.shape
+    q, k, v = (a.view(B, a.shape[1], heads, -1).transpose(1, 2) for a in (q, k, v))   # (B, H, *, d)
+    out = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(d)) v
+    return out.transpose(1, 2).reshape(B, T, W)
+
+
+class SelfAttention(nn.Module):
+    """c_qkv gives, per head, a contiguous [q | k | v] of head_dim each (the official layout)."""
+
+    def __init__(self, width: int, heads: int, std: float):
+        super().__init__()
+        self.heads = heads
+        self.c_qkv, self.c_proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        init_linear(self.c_qkv, std), init_linear(self.c_proj, std)
+
+    def forward(self, x):
+        B, T, W = x.shape
+        qkv = self.c_qkv(x).view(B, T, self.heads, 3 * (W // self.heads))   # (B, T, H, 3d)
+        q, k, v = (a.reshape(B, T, W) for a in qkv.chunk(3, dim=-1))
+        return self.c_proj(attention(q, k, v, self.heads))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (c_q), keys and values from data (c_kv: per head a contiguous [k | v])."""
+
+    def __init__(self, width: int, heads: int, std: float):
+        super().__init__()
+        self.heads = heads
+        self.c_q, self.c_kv, self.c_proj = nn.Linear(width, width), nn.Linear(width, 2 * width), \
+            nn.Linear(width, width)
+        init_linear(self.c_q, std), init_linear(self.c_kv, std), init_linear(self.c_proj, std)
+
+    def forward(self, x, data):
+        B, S, W = data.shape
+        kv = self.c_kv(data).view(B, S, self.heads, 2 * (W // self.heads))   # (B, S, H, 2d)
+        k, v = (a.reshape(B, S, W) for a in kv.chunk(2, dim=-1))
+        return self.c_proj(attention(self.c_q(x), k, v, self.heads))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1 x), then x + mlp(ln_2 x)."""
+
+    def __init__(self, width: int, heads: int, std: float):
+        super().__init__()
+        self.attn, self.ln_1 = SelfAttention(width, heads, std), nn.LayerNorm(width)
+        self.mlp, self.ln_2 = MLP(width, std), nn.LayerNorm(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ResidualCrossAttentionBlock(nn.Module):
+    """x + cross_attn(ln_1 x, ln_2 data), then x + mlp(ln_3 x)."""
+
+    def __init__(self, width: int, heads: int, std: float):
+        super().__init__()
+        self.ln_1, self.ln_2, self.ln_3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn, self.mlp = CrossAttention(width, heads, std), MLP(width, std)
+
+    def forward(self, x, data):
+        x = x + self.attn(self.ln_1(x), self.ln_2(data))
+        return x + self.mlp(self.ln_3(x))
+
+
+class Stack(nn.Module):
+    """`layers` residual blocks (module name `resblocks`, as in the official Transformer)."""
+
+    def __init__(self, block, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        std = INIT_SCALE / math.sqrt(width)
+        self.resblocks = nn.ModuleList([block(width, heads, std) for _ in range(layers)])
+
+    def forward(self, x, *data):
+        for blk in self.resblocks:
+            x = blk(x, *data)
+        return x
+
+
+class PointDiffusionTransformer(nn.Module):
+    """The base model and the upsampler. Input points (B, 6, N) in model space and integer
+    timesteps t (B,) -> (B, 12, N): 6 epsilon channels then 6 variance interpolation values.
+    The sequence is [time token, conditioning tokens..., point tokens]; no positional embedding.
+    Conditioning: `clip` (B, 768) for cond="vec" (one token), (B, 1024, 256) for cond="grid"
+    (256 patch tokens of ViT-L/14); `low_res` (B, 6, cond_ctx) in data units for the upsampler."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        w, self.cfg = cfg["width"], cfg
+        self.time_embed = MLP(w, INIT_SCALE / math.sqrt(w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.backbone = Stack(ResidualAttentionBlock, w, cfg["layers"], cfg["heads"])
+        self.ln_post = nn.LayerNorm(w)
+        self.input_proj, self.output_proj = nn.Linear(6, w), nn.Linear(w, 12)
+        nn.init.zeros_(self.output_proj.weight), nn.init.zeros_(self.output_proj.bias)
+        if cfg.get("cond_ctx"):                                       # the upsampler
+            self.cond_point_proj = nn.Linear(6, w)
+            self.register_buffer("channel_scales", torch.tensor(CHANNEL_SCALES))
+            self.register_buffer("channel_biases", torch.tensor(CHANNEL_BIASES))
+        if cfg["cond"] == "vec":
+            self.clip_embed = nn.Linear(cfg["clip_dim"], w)
+        elif cfg["cond"] == "grid":
+            self.clip_embed = nn.Sequential(nn.LayerNorm(cfg["clip_dim"]), nn.Linear(cfg["clip_dim"], w))
+
+    def forward(self, x, t, clip=None, low_res=None):
+        B = x.shape[0]
+        tokens = [self.time_embed(timestep_embedding(t, self.backbone.width))[:, None]]   # (B, 1, W)
+        if self.cfg["cond"] == "vec":       # unit CLIP vector rescaled to unit variance per entry
+            tokens.append(self.clip_embed(clip * math.sqrt(clip.shape[1]))[:, None])
+        elif self.cfg["cond"] == "grid":
+            if clip is None:                # e.g. the upsampler in the text pipeline
+                clip = x.new_zeros(B, self.cfg["clip_dim"], 256)
+            tokens.append(self.clip_embed(clip.permute(0, 2, 1)))                 # (B, 256, W)
+        if self.cfg.get("cond_ctx"):
+            lr = low_res * self.channel_scales[:, None] + self.channel_biases[:, None]
+            tokens.append(self.cond_point_proj(lr.permute(0, 2, 1)))            # (B, cond_ctx, W)
+        n_cond = sum(tok.shape[1] for tok in tokens)
+        h = torch.cat(tokens + [self.input_proj(x.permute(0, 2, 1))], dim=1)   # (B, n_cond + N, W)
+        h = self.ln_post(self.backbone(self.ln_pre(h)))
+        return self.output_proj(h[:, n_cond:]).permute(0, 2, 1)                # (B, 12, N)
+
+
+class PointCloudSDFModel(nn.Module):
+    """Signed distance (positive inside) at query points given a point cloud: a transformer
+    encoder over the cloud's points, then query points cross-attend to those latents."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        w, self.cfg = cfg["width"], cfg
+        self.encoder_input_proj = nn.Linear(3, w)
+        self.encoder = Stack(ResidualAttentionBlock, w, cfg["encoder_layers"], cfg["encoder_heads"])
+        self.decoder_input_proj = nn.Linear(3, w)
+        self.decoder = Stack(ResidualCrossAttentionBlock, w, cfg["decoder_layers"], cfg["decoder_heads"])
+        self.ln_post, self.output_proj = nn.LayerNorm(w), nn.Linear(w, 1)
+
+    def encode(self, points: torch.Tensor) -> torch.Tensor:
+        """points (B, 3, N) -> latents (B, N, W)."""
+        return self.encoder(self.encoder_input_proj(points.permute(0, 2, 1)))
+
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """queries (B, 3, Q), latents from encode() -> SDF (B, Q)."""
+        h = self.decoder(self.decoder_input_proj(queries.permute(0, 2, 1)), latents)
+        return self.output_proj(self.ln_post(h))[..., 0]
+
+
+def build_model(name: str, clip_dim: int = None, device="cpu") -> nn.Module:
+    """A model of a named configuration (random init); clip_dim fills a toy config's CLIP width."""
+    cfg = dict(MODEL_CONFIGS[name], name=name)
+    if cfg.get("clip_dim", 0) is None:
+        cfg["clip_dim"] = clip_dim
+    cls = PointCloudSDFModel if cfg["kind"] == "sdf" else PointDiffusionTransformer
+    with torch.device(device):
+        return cls(cfg)
+
+
+def load_model(name: str, path: str, device="cpu") -> nn.Module:
+    """Build `name` and load a plain state dict (official or ours) with strict=True."""
+    if not os.path.exists(path):
+        raise common.UserError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    clip_dim = state["clip_embed.weight"].shape[1] if "clip_embed.weight" in state else None
+    model = build_model(name, clip_dim)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise common.UserError(f"{path} does not fit config {name}: {str(e).splitlines()[0]}")
+    return model.to(device).eval()
+
+# ================================================================================================
+# Gaussian diffusion: schedules, q(x_t | x_0), learned-range variance, training loss
+# ================================================================================================
+
+
+def beta_schedule(name: str, steps: int = TIMESTEPS) -> torch.Tensor:
+    """(steps,) float64 betas. cosine (Nichol & Dhariwal 2021): a(s) = cos^2((s + 0.008) / 1.008
+    * pi / 2), beta_i = min(1 - a((i+1)/T) / a(i/T), 0.999); linear (Ho et al.) rescaled to T steps."""
+    if name == "cosine":
+        a = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - a((i + 1) / steps) / a(i / steps), 0.999) for i in range(steps)],
+                            dtype=torch.float64)
+    scale = 1000.0 / steps
+    return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+class GaussianDiffusion:
+    """Discrete DDPM with T = 1024 steps (t = 0..T-1) in float64, read out as float32.
+    Model space is data space scaled by CHANNEL_SCALES / CHANNEL_BIASES."""
+
+    def __init__(self, schedule: str, steps: int = TIMESTEPS):
+        b = self.betas = beta_schedule(schedule, steps)
+        self.T = steps
+        ab = self.alphas_cumprod = torch.cumprod(1.0 - b, 0)                        # alpha_bar_t
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        # posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t),  beta~_t = beta_t (1 - ab_prev) / (1 - ab)
+        self.posterior_variance = b * (1 - ab_prev) / (1 - ab)
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))  # beta~_0 = 0
+        self.coef1 = b * ab_prev.sqrt() / (1 - ab)
+        self.coef2 = (1 - ab_prev) * (1 - b).sqrt() / (1 - ab)
+        self.scales = torch.tensor(CHANNEL_SCALES)[:, None]
+        self.biases = torch.tensor(CHANNEL_BIASES)[:, None]
+
+    def scale(self, x):
+        """data (B, 6, N): xyz, RGB 0..255 -> model space (xyz x2, RGB in [-1, 1])."""
+        return x * self.scales.to(x) + self.biases.to(x)
+
+    def unscale(self, x):
+        return (x - self.biases.to(x)) / self.scales.to(x)
+
+    @staticmethod
+    def at(arr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """arr[t] as float32 (B, 1, 1) to broadcast over (B, C, N)."""
+        return arr.to(t.device)[t].float()[:, None, None]
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+        ab = self.at(self.alphas_cumprod, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def x0_from_eps(self, x_t, t, eps):
+        """x_0 = sqrt(1 / ab_t) x_t - sqrt(1 / ab_t - 1) eps."""
+        ab = self.alphas_cumprod
+        return self.at((1 / ab).sqrt(), t) * x_t - self.at((1 / ab - 1).sqrt(), t) * eps
+
+    def posterior_mean(self, x0, x_t, t):
+        return self.at(self.coef1, t) * x0 + self.at(self.coef2, t) * x_t
+
+    def learned_log_variance(self, v, t):
+        """learned range (Nichol & Dhariwal 2021, Eq. 15): v in [-1, 1] interpolates, in log space,
+        between the clipped posterior variance beta~_t (v = -1) and beta_t (v = 1)."""
+        frac = (v + 1) / 2
+        return frac * self.at(torch.log(self.betas), t) + (1 - frac) * self.at(
+            self.posterior_log_variance_clipped, t)
+
+    def training_losses(self, model, x0_data, t, **cond) -> dict:
+        """L_simple on epsilon + L_vb for the variance only (the mean is detached in L_vb, as in
+        Improved DDPM's hybrid loss with lambda = 1). x0_data (B, 6, N) in data units; t (B,).
+        Returns per-sample (B,) tensors: loss, mse, vb (bits per dimension)."""
+        x0 = self.scale(x0_data)
+        noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        eps, v = model(x_t, t, **cond).chunk(2, dim=1)                               # (B, 6, N) each
+        mse = ((eps - noise) ** 2).flatten(1).mean(1)
+        true_mean = self.posterior_mean(x0, x_t, t)
+        true_logvar = self.at(self.posterior_log_variance_clipped, t)
+        model_mean = self.posterior_mean(self.x0_from_eps(x_t, t, eps.detach()), x_t, t)
+        kl = normal_kl(true_mean, true_logvar, model_mean, self.learned_log_variance(v, t))
+        vb = kl.flatten(1).mean(1) / math.log(2.0)
+        vb = torch.where(t == 0, torch.zeros_like(vb), vb)      # continuous data: no decoder NLL at t=0
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+# ================================================================================================
+# Karras sampler (Karras et al. 2022, Algorithm 2) driving the discrete epsilon model
+# ================================================================================================
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Eq. 5: sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then a final 0.
+    Returns (n + 1,)."""
+    ramp = torch.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1)])
+
+
+def sigma_to_t(diffusion: GaussianDiffusion, sigma: float) -> int:
+    """The integer timestep whose alpha_bar matches 1 / (sigma^2 + 1): linear interpolation of
+    t over alpha_bar, truncated (as the official GaussianToKarrasDenoiser), clamped to 0..T-1."""
+    ab = diffusion.alphas_cumprod.numpy()
+    a = 1.0 / (sigma ** 2 + 1)
+    if a > ab[0]:
+        return 0
+    if a <= ab[-1]:
+        return diffusion.T - 1
+    return int(np.interp(a, ab[::-1], np.arange(diffusion.T)[::-1]))
+
+
+def eps_denoiser(model, diffusion: GaussianDiffusion, cond: dict, clip_denoised: bool = True):
+    """Wrap the epsilon model as a Karras denoiser D(x, sigma) -> x0, with x = x0 + sigma n.
+    In DDPM terms x_t = x / sqrt(sigma^2 + 1) at the t of sigma."""
+    def denoise(x, sigma: float):
+        t = torch.full((x.shape[0],), sigma_to_t(diffusion, sigma), device=x.device, dtype=torch.long)
+        x_t = x / math.sqrt(sigma ** 2 + 1)
+        eps = model(x_t, t, **cond)[:, :x.shape[1]].float()
+        x0 = diffusion.x0_from_eps(x_t, t, eps)
+        return x0.clamp(-1, 1) if clip_denoised else x0
+    return denoise
+
+
+def guided(denoise, scale: float):
+    """Classifier-free guidance on x0: the batch is doubled (conditional half first, the caller
+    zeroes the conditioning of the second half); x0 = x0_u + s (x0_c - x0_u)."""
+    def denoise_guided(x, sigma: float):
+        x0_c, x0_u = denoise(torch.cat([x, x]), sigma).chunk(2)
+        return x0_u + scale * (x0_c - x0_u)
+    return denoise_guided
+
+
+@torch.no_grad()
+def heun_sample(denoise, x, sigmas: torch.Tensor, s_churn: float = 0.0) -> torch.Tensor:
+    """Karras et al. Algorithm 2 with s_tmin = 0, s_tmax = inf, s_noise = 1. x starts at
+    sigmas[0] noise. gamma = min(s_churn / n, sqrt(2) - 1); sigma^ = sigma (1 + gamma) gets
+    sqrt(sigma^2 - sigma^2) fresh noise; Heun (2nd order) step, Euler on the last step to 0."""
+    n = len(sigmas) - 1
+    gamma = min(s_churn / n, 2 ** 0.5 - 1)
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        noise = torch.randn_like(x)                       # drawn every step, as the official code
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + noise * math.sqrt(s_hat ** 2 - s ** 2)
+        d = (x - denoise(x, s_hat)) / s_hat                               # dx/dsigma (Eq. 4)
+        x_next = x + d * (s_next - s_hat)
+        if s_next > 0:                                                    # Heun correction
+            d_next = (x_next - denoise(x_next, s_next)) / s_next
+            x_next = x + (d + d_next) / 2 * (s_next - s_hat)
+        x = x_next
+    return x
+
+
+def sample_stage(model, diffusion, batch: int, n_points: int, cond: dict, guidance: float,
+                 sigma_max: float, s_churn: float, steps: int = SAMPLER["steps"],
+                 sigma_min: float = SAMPLER["sigma_min"], device="cpu") -> torch.Tensor:
+    """One diffusion stage: (batch, 6, n_points) points in data units (xyz, RGB 0..255)."""
+    use_guidance = guidance not in (0.0, 1.0)
+    if use_guidance:
+        cond = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in cond.items()}
+    denoise = eps_denoiser(model, diffusion, cond)
+    if use_guidance:
+        denoise = guided(denoise, guidance)
+    x = torch.randn(batch, 6, n_points, device=device) * sigma_max
+    return diffusion.unscale(heun_sample(denoise, x, karras_sigmas(steps, sigma_min, sigma_max),
+                                         s_churn))
+
+# ================================================================================================
+# Pipeline: CLIP features -> 1024 points -> 4096 points -> SDF -> coloured mesh
+# ================================================================================================
+
+
+def generate_points(base, upsampler, clip, batch: int = 1, guidance=(3.0, 3.0), up_clip=None,
+                    steps: int = SAMPLER["steps"], device="cpu") -> torch.Tensor:
+    """Base stage then upsampler stage -> (batch, 6, N_base + N_up) in data units, colours
+    clamped to 0..255 and rounded. `clip` conditions the base model; `up_clip` the upsampler
+    (None: a zero grid, as the official text pipeline)."""
+    low = sample_stage(base, GaussianDiffusion(base.cfg["schedule"]), batch, base.cfg["n_ctx"],
+                       {} if clip is None else {"clip": clip}, guidance[0], SAMPLER["sigma_max"][0],
+                       SAMPLER["s_churn"][0], steps, device=device)
+    cond = {"low_res": low} if up_clip is None else {"low_res": low, "clip": up_clip}
+    high = sample_stage(upsampler, GaussianDiffusion(upsampler.cfg["schedule"]), batch,
+                        upsampler.cfg["n_ctx"], cond, guidance[1], SAMPLER["sigma_max"][1],
+                        SAMPLER["s_churn"][1], steps, device=device)
+    pts = torch.cat([low, high], dim=-1)
+    return torch.cat([pts[:, :3], pts[:, 3:].clamp(0, 255).round()], dim=1)
+
+
+def sdf_model_fn(model: PointCloudSDFModel, points: torch.Tensor):
+    """SDF of a cloud (N, 3) as a function of queries (Q, 3) -> (Q,); encodes the cloud once."""
+    with torch.no_grad():
+        latents = model.encode(points.T[None])
+    def sdf(q):
+        with torch.no_grad():
+            return model(q.T[None], latents)[0]
+    return sdf
+
+
+def sdf_to_mesh(sdf, grid: int = MESH_GRID, side: float = MESH_SIDE, batch: int = MESH_BATCH,
+                device="cpu"):
+    """Marching cubes (level 0, scikit-image) on sdf (Q, 3) -> (Q,) sampled on a grid^3 lattice
+    of a cube of side `side` centred at the origin. Returns verts (V, 3), faces (F, 3) numpy,
+    triangles wound so that normals point out of the positive-inside SDF."""
+    from skimage import measure
+    voxel, lo = side / (grid - 1), -side / 2
+    axis = torch.arange(grid, device=device) * voxel + lo
+    coords = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)   # x slowest
+    vol = torch.cat([sdf(c).float() for c in coords.split(batch)]).view(grid, grid, grid).cpu().numpy()
+    if (vol < 0).all() or (vol > 0).all():      # no zero crossing: centre it (as the official code)
+        vol = vol - vol.mean()
+    verts, faces, _, _ = measure.marching_cubes(vol, level=0.0, spacing=(voxel,) * 3,
+                                                allow_degenerate=False)
+    return verts + lo, faces[:, [1, 0, 2]]          # scikit-image's winding is left-handed here
+
+
+def nearest_colours(verts, points, colours, chunk: int = 4096) -> torch.Tensor:
+    """Each vertex (V, 3) takes the colour (N, 3) of its nearest point (N, 3)."""
+    verts, points = torch.as_tensor(verts, dtype=torch.float32), torch.as_tensor(points).float().cpu()
+    idx = torch.cat([torch.cdist(v, points).argmin(1) for v in verts.split(chunk)])
+    return torch.as_tensor(colours).cpu()[idx]

@@ -1,0 +1,334 @@
+"""Tests for pointe.py (CPU, fast). References: the official Point-E structure written out below
+(names/shapes from openai/point-e models/transformer.py, perceiver.py, sdf.py; parameter counts
+measured on the official code, /work/shared/docs/pointe_official.md), closed-form formulas, exact
+denoisers of Gaussian (mixture) data, scipy's KD-tree and the analytic sphere."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import pointe  # noqa: E402
+
+# ---- the independent reference: official state-dict names and shapes ---------------------------
+
+
+def _block(prefix, w):
+    return {f"{prefix}.attn.c_qkv.weight": (3 * w, w), f"{prefix}.attn.c_qkv.bias": (3 * w,),
+            f"{prefix}.attn.c_proj.weight": (w, w), f"{prefix}.attn.c_proj.bias": (w,),
+            f"{prefix}.ln_1.weight": (w,), f"{prefix}.ln_1.bias": (w,),
+            f"{prefix}.mlp.c_fc.weight": (4 * w, w), f"{prefix}.mlp.c_fc.bias": (4 * w,),
+            f"{prefix}.mlp.c_proj.weight": (w, 4 * w), f"{prefix}.mlp.c_proj.bias": (w,),
+            f"{prefix}.ln_2.weight": (w,), f"{prefix}.ln_2.bias": (w,)}
+
+
+def official_point_keys(w, layers, clip=None, upsample=False):
+    k = {"time_embed.c_fc.weight": (4 * w, w), "time_embed.c_fc.bias": (4 * w,),
+         "time_embed.c_proj.weight": (w, 4 * w), "time_embed.c_proj.bias": (w,),
+         "ln_pre.weight": (w,), "ln_pre.bias": (w,), "ln_post.weight": (w,), "ln_post.bias": (w,),
+         "input_proj.weight": (w, 6), "input_proj.bias": (w,),
+         "output_proj.weight": (12, w), "output_proj.bias": (12,)}
+    for i in range(layers):
+        k.update(_block(f"backbone.resblocks.{i}", w))
+    if upsample:
+        k.update({"cond_point_proj.weight": (w, 6), "cond_point_proj.bias": (w,),
+                  "channel_scales": (6,), "channel_biases": (6,)})
+    if clip == "vec":
+        k.update({"clip_embed.weight": (w, 768), "clip_embed.bias": (w,)})
+    if clip == "grid":
+        k.update({"clip_embed.0.weight": (1024,), "clip_embed.0.bias": (1024,),
+                  "clip_embed.1.weight": (w, 1024), "clip_embed.1.bias": (w,)})
+    return k
+
+
+def official_sdf_keys(w=256, enc=8, dec=4):
+    k = {"encoder_input_proj.weight": (w, 3), "encoder_input_proj.bias": (w,),
+         "decoder_input_proj.weight": (w, 3), "decoder_input_proj.bias": (w,),
+         "ln_post.weight": (w,), "ln_post.bias": (w,), "output_proj.weight": (1, w), "output_proj.bias": (1,)}
+    for i in range(enc):
+        k.update(_block(f"encoder.resblocks.{i}", w))
+    for i in range(dec):
+        p = f"decoder.resblocks.{i}"
+        k.update({f"{p}.attn.c_q.weight": (w, w), f"{p}.attn.c_q.bias": (w,),
+                  f"{p}.attn.c_kv.weight": (2 * w, w), f"{p}.attn.c_kv.bias": (2 * w,),
+                  f"{p}.attn.c_proj.weight": (w, w), f"{p}.attn.c_proj.bias": (w,),
+                  f"{p}.mlp.c_fc.weight": (4 * w, w), f"{p}.mlp.c_fc.bias": (4 * w,),
+                  f"{p}.mlp.c_proj.weight": (w, 4 * w), f"{p}.mlp.c_proj.bias": (w,)})
+        for ln in ("ln_1", "ln_2", "ln_3"):
+            k.update({f"{p}.{ln}.weight": (w,), f"{p}.{ln}.bias": (w,)})
+    return k
+
+
+OFFICIAL = {  # config: (reference keys, parameter count measured on the official code)
+    "base40M-imagevec": (official_point_keys(512, 12, "vec"), 40_333_836),
+    "base40M-textvec": (official_point_keys(512, 12, "vec"), 40_333_836),
+    "base40M-uncond": (official_point_keys(512, 12), 39_940_108),
+    "base40M": (official_point_keys(512, 12, "grid"), 40_466_956),
+    "base300M": (official_point_keys(1024, 24, "grid"), 311_778_316),
+    "base1B": (official_point_keys(2048, 24, "grid"), 1_244_311_564),
+    "upsample": (official_point_keys(512, 12, "grid", upsample=True), 40_470_540),
+    "sdf": (official_sdf_keys(), 9_481_985),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_official_configs_names_shapes_counts(name):
+    ref, count = OFFICIAL[name]
+    model = pointe.build_model(name, device="meta")
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == ref
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_upsample_buffers_and_strict_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    up = pointe.build_model("toy-upsample")
+    assert torch.allclose(up.channel_scales, torch.tensor([2, 2, 2, 2 / 255, 2 / 255, 2 / 255]))
+    assert torch.equal(up.channel_biases, torch.tensor([0.0, 0, 0, -1, -1, -1]))
+    for name, m in [("toy-base", pointe.build_model("toy-base", clip_dim=32)), ("toy-upsample", up)]:
+        for p in m.parameters():                      # output_proj is zero at init: randomise all
+            p.data.normal_(0, 0.05)
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(m.state_dict(), path)
+        m2 = pointe.load_model(name, path)
+        x, t = torch.randn(2, 6, m.cfg["n_ctx"]), torch.tensor([3, 900])
+        kw = {"clip": torch.randn(2, 32)} if name == "toy-base" else {"low_res": torch.rand(2, 6, 256) * 255}
+        assert torch.allclose(m.eval()(x, t, **kw), m2(x, t, **kw), atol=1e-6)
+    with pytest.raises(common.UserError):
+        pointe.load_model("toy-sdf", path)
+
+
+def test_forward_shapes():
+    torch.manual_seed(0)
+    base = pointe.build_model("toy-base", clip_dim=16)
+    assert base(torch.randn(2, 6, 256), torch.tensor([0, 5]), clip=torch.randn(2, 16)).shape == (2, 12, 256)
+    sdf = pointe.build_model("toy-sdf")
+    lat = sdf.encode(torch.randn(2, 3, 100))
+    assert lat.shape == (2, 100, 128) and sdf(torch.randn(2, 3, 7), lat).shape == (2, 7)
+
+
+# ---- model pieces against the official formulas ---------------------------------------------------
+
+
+def test_timestep_embedding_cos_first():
+    t = torch.tensor([0, 7, 1023])
+    e = pointe.timestep_embedding(t, 8)
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+    ref = np.concatenate([np.cos(t.numpy()[:, None] * freqs), np.sin(t.numpy()[:, None] * freqs)], 1)
+    assert np.allclose(e.numpy(), ref, atol=1e-5)
+
+
+def _naive_heads(x, heads, parts):
+    """Official layout: view (B, T, heads, parts * d) and split the last axis into `parts`."""
+    B, T, W = x.shape
+    return torch.split(x.view(B, T, heads, -1), W // heads // parts, dim=-1)
+
+
+def _naive_attention(q, k, v):
+    """Official QKV attention: q and k each scaled by d^-1/4, float32 softmax."""
+    s = 1 / math.sqrt(math.sqrt(q.shape[-1]))
+    w = torch.softmax(torch.einsum("bthc,bshc->bhts", q * s, k * s).float(), -1)
+    return torch.einsum("bhts,bshc->bthc", w, v).flatten(2)
+
+
+def test_attention_head_layout_matches_official():
+    torch.manual_seed(0)
+    att = pointe.SelfAttention(32, 4, 0.2)
+    x = torch.randn(2, 9, 32)
+    q, k, v = _naive_heads(att.c_qkv(x), 4, 3)
+    assert torch.allclose(att(x), att.c_proj(_naive_attention(q, k, v)), atol=1e-5)
+    cross = pointe.CrossAttention(32, 4, 0.2)
+    data = torch.randn(2, 11, 32)
+    k, v = _naive_heads(cross.c_kv(data), 4, 2)
+    q = cross.c_q(x).view(2, 9, 4, 8)
+    assert torch.allclose(cross(x, data), cross.c_proj(_naive_attention(q, k, v)), atol=1e-5)
+
+
+# ---- diffusion --------------------------------------------------------------------------------
+
+
+def test_schedules_match_measured_endpoints():
+    cos = pointe.GaussianDiffusion("cosine").alphas_cumprod
+    lin = pointe.GaussianDiffusion("linear").alphas_cumprod
+    assert len(cos) == len(lin) == 1024
+    assert abs(cos[0].item() - 0.99996) < 1e-5 and 1e-9 < cos[-1].item() < 4e-9
+    assert abs(lin[0].item() - 0.99990) < 1e-5 and abs(lin[-1].item() - 4.0e-5) < 0.1e-5
+
+
+def test_learned_range_variance_formula():
+    d = pointe.GaussianDiffusion("cosine")
+    betas = d.betas.numpy()
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    post = betas * (1 - ab_prev) / (1 - ab)
+    t = torch.tensor([0, 1, 500, 1023])
+    lo = np.log(np.where(t.numpy() == 0, post[1], post[t.numpy()]))      # clipped at t = 0
+    hi = np.log(betas[t.numpy()])
+    for v in (-1.0, 0.0, 0.3, 1.0):
+        got = d.learned_log_variance(torch.full((4, 1, 1), v), t)[:, 0, 0].double().numpy()
+        frac = (v + 1) / 2
+        assert np.allclose(got, frac * hi + (1 - frac) * lo, rtol=1e-5)
+
+
+def test_training_loss_terms():
+    """A model that returns the true noise and v = -1 has mse = 0 and vb = 0 (t >= 1); with
+    another v the vb is the KL of two Gaussians of equal means; vb gives no gradient to eps."""
+    d = pointe.GaussianDiffusion("cosine")
+    x0 = torch.rand(3, 6, 5) * torch.tensor([1, 1, 1, 255, 255, 255.0])[:, None] - \
+        torch.tensor([0.5, 0.5, 0.5, 0, 0, 0])[:, None]
+    t = torch.tensor([1, 200, 1000])
+    v_val, eps_param = {}, {}
+
+    def model(x_t, t_):
+        ab = d.at(d.alphas_cumprod, t_)
+        eps = (x_t - ab.sqrt() * d.scale(x0)) / (1 - ab).sqrt()
+        eps_param["p"] = eps.detach().clone().requires_grad_(True)
+        return torch.cat([eps_param["p"], torch.full_like(eps, v_val["v"])], 1)
+
+    v_val["v"] = -1.0
+    out = d.training_losses(model, x0, t)
+    assert out["mse"].abs().max() < 1e-8 and out["vb"].abs().max() < 1e-4
+    v_val["v"] = 0.5
+    out = d.training_losses(model, x0, t)
+    lv1 = d.at(d.posterior_log_variance_clipped, t)
+    lv2 = d.learned_log_variance(torch.full((3, 1, 1), 0.5), t)
+    ref = (0.5 * (-1 + lv2 - lv1 + torch.exp(lv1 - lv2)) / math.log(2)).flatten()
+    assert torch.allclose(out["vb"], ref, rtol=1e-3)
+    out["vb"].sum().backward()
+    assert eps_param["p"].grad is None or eps_param["p"].grad.abs().max() == 0
+
+
+# ---- Karras sampler -----------------------------------------------------------------------------
+
+
+def test_karras_sigmas_formula():
+    s = pointe.karras_sigmas(64, 1e-3, 120.0, 7.0).double()
+    assert len(s) == 65 and s[-1] == 0
+    assert abs(s[0] - 120) < 1e-3 and abs(s[63] - 1e-3) < 1e-7
+    r = s[:64] ** (1 / 7)                           # uniform in sigma^(1/rho)
+    assert torch.allclose(r[1:] - r[:-1], torch.full((63,), (1e-3 ** (1 / 7) - 120 ** (1 / 7)) / 63,
+                                                     dtype=torch.float64), atol=1e-5)
+
+
+def test_heun_step_matches_hand_computation():
+    D = lambda x, s: 0.5 * x / (1 + s ** 2) + 0.1     # any smooth denoiser
+    x = torch.tensor([0.7, -1.3])
+    s0, s1 = 2.0, 0.5
+    out = pointe.heun_sample(D, x.clone(), torch.tensor([s0, s1]), s_churn=0.0)
+    d0 = (x - D(x, s0)) / s0
+    x1 = x + d0 * (s1 - s0)
+    d1 = (x1 - D(x1, s1)) / s1
+    assert torch.allclose(out, x + 0.5 * (d0 + d1) * (s1 - s0), atol=1e-6)
+    # the last step to sigma 0 is Euler, which lands exactly on the denoised value
+    assert torch.allclose(pointe.heun_sample(D, x.clone(), torch.tensor([s0, 0.0])), D(x, s0), atol=1e-6)
+    # churn: sigma^ = sigma (1 + gamma), gamma = min(s_churn / n, sqrt 2 - 1), fresh noise each step
+    torch.manual_seed(3)
+    out = pointe.heun_sample(D, x.clone(), torch.tensor([s0, 0.0]), s_churn=0.2)
+    torch.manual_seed(3)
+    gamma = 0.2
+    s_hat = s0 * (1 + gamma)
+    xh = x + torch.randn_like(x) * math.sqrt(s_hat ** 2 - s0 ** 2)
+    assert torch.allclose(out, D(xh, s_hat), atol=1e-6)
+
+
+def test_guidance_is_applied_to_x0():
+    d = pointe.GaussianDiffusion("cosine")
+
+    def model(x, t, clip):                  # eps depends on the conditioning; x0 gets clamped
+        return torch.cat([x * 0.3 + 2.0 * clip[:, :, None], torch.zeros_like(x)], 1)
+
+    x = torch.randn(2, 6, 4)
+    clip = torch.randn(2, 6)
+    den_c = pointe.eps_denoiser(model, d, {"clip": clip})
+    den_u = pointe.eps_denoiser(model, d, {"clip": torch.zeros_like(clip)})
+    den_g = pointe.guided(pointe.eps_denoiser(model, d, {"clip": torch.cat([clip, 0 * clip])}), 3.0)
+    for sigma in (0.05, 1.0, 30.0):
+        ref = den_u(x, sigma) + 3.0 * (den_c(x, sigma) - den_u(x, sigma))
+        assert torch.allclose(den_g(x, sigma), ref, atol=1e-6)
+
+
+def _gmm_denoiser(w, mu, sd):
+    """Exact E[x0 | x0 + sigma n] for a 1-D Gaussian mixture."""
+    w, mu, var = (torch.tensor(a, dtype=torch.float64) for a in (w, mu, np.square(sd)))
+
+    def D(x, sigma):
+        tot = var + sigma ** 2
+        logp = torch.log(w) - 0.5 * torch.log(tot) - 0.5 * (x[..., None] - mu) ** 2 / tot
+        r = torch.softmax(logp, -1)
+        return (r * (mu + var / tot * (x[..., None] - mu))).sum(-1)
+    return D
+
+
+@pytest.mark.parametrize("s_churn", [0.0, 3.0])
+def test_sampler_reproduces_gaussian_mixture(s_churn):
+    w, mu, sd = [0.3, 0.7], [-0.6, 0.4], [0.1, 0.2]
+    mean = np.dot(w, mu)
+    var = np.dot(w, np.square(sd) + np.square(mu)) - mean ** 2
+    torch.manual_seed(0)
+    n = 20000
+    x = torch.randn(n, dtype=torch.float64) * 80.0
+    out = pointe.heun_sample(_gmm_denoiser(w, mu, sd), x, pointe.karras_sigmas(64, 1e-3, 80.0).double(),
+                             s_churn)
+    se = math.sqrt(var / n)
+    assert abs(out.mean().item() - mean) < 4 * se
+    assert abs(out.var().item() / var - 1) < 0.04
+    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    p_neg = sum(wi * cdf(-m / s) for wi, m, s in zip(w, mu, sd))          # P(x < 0): mixture weights
+    assert abs((out < 0).double().mean().item() - p_neg) < 4 * math.sqrt(p_neg * (1 - p_neg) / n)
+
+
+def test_eps_denoiser_samples_a_gaussian_through_the_discrete_model():
+    """An exact epsilon model of N(m, s^2) data (DDPM parameterisation) driven by the Karras
+    sampler through sigma -> t: the samples have the data's mean and variance."""
+    d = pointe.GaussianDiffusion("cosine")
+    m, s = 0.3, 0.2
+
+    def model(x_t, t):
+        ab = d.at(d.alphas_cumprod, t)
+        eps = (1 - ab).sqrt() * (x_t - ab.sqrt() * m) / (ab * s ** 2 + 1 - ab)
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+    torch.manual_seed(0)
+    x = torch.randn(4000, 1, 1) * 120.0
+    out = pointe.heun_sample(pointe.eps_denoiser(model, d, {}), x, pointe.karras_sigmas(64, 1e-3, 120.0), 3.0)
+    assert abs(out.mean().item() - m) < 0.02 and abs(out.std().item() / s - 1) < 0.05
+
+
+def test_sample_stage_and_pipeline_shapes(monkeypatch):
+    small = dict(kind="points", width=32, layers=1, heads=2, schedule="cosine", cond=None)
+    monkeypatch.setitem(pointe.MODEL_CONFIGS, "tiny-base", dict(small, n_ctx=64, cond="vec", clip_dim=None))
+    monkeypatch.setitem(pointe.MODEL_CONFIGS, "tiny-up", dict(small, n_ctx=192, cond_ctx=64, schedule="linear"))
+    torch.manual_seed(0)
+    base, up = pointe.build_model("tiny-base", clip_dim=8), pointe.build_model("tiny-up")
+    for m in (base, up):
+        m.output_proj.weight.data.normal_(0, 0.01)
+        m.eval()
+    pts = pointe.generate_points(base, up, torch.randn(2, 8), batch=2, steps=3)
+    assert pts.shape == (2, 6, 256)
+    assert pts[:, 3:].min() >= 0 and pts[:, 3:].max() <= 255 and torch.equal(pts[:, 3:], pts[:, 3:].round())
+    assert pts[:, :3].abs().max() <= 0.5 + 1e-4                 # clamped x0 in [-1, 1] / 2
+
+
+# ---- mesh -------------------------------------------------------------------------------------
+
+
+def test_sdf_to_mesh_sphere():
+    r = 0.35
+    verts, faces = pointe.sdf_to_mesh(lambda q: r - q.norm(dim=-1), grid=48, side=1.02)
+    radii = np.linalg.norm(verts, axis=1)
+    assert np.abs(radii - r).max() < 1.02 / 47 / 2
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    vol = np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6       # > 0: outward winding
+    assert abs(vol / (4 / 3 * math.pi * r ** 3) - 1) < 0.02
+
+
+def test_nearest_colours_match_kdtree():
+    from scipy.spatial import cKDTree
+    rng = np.random.default_rng(0)
+    pts, cols, verts = rng.normal(size=(500, 3)), rng.random((500, 3)), rng.normal(size=(300, 3))
+    got = pointe.nearest_colours(verts, pts, torch.tensor(cols), chunk=64).numpy()
+    assert np.allclose(got, cols[cKDTree(pts).query(verts)[1]])
