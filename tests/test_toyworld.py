@@ -1,0 +1,115 @@
+"""The toy world: analytic SDFs, area-uniform surface samples, the sphere tracer, random renders."""
+import math
+
+import pytest
+import torch
+
+import common
+import toyworld as tw
+
+
+def test_captions_index_is_shape_times_six_plus_colour():
+    assert len(tw.CAPTIONS) == 30
+    assert tw.CAPTIONS[3 * 6 + 4] == "a purple cone"
+    assert tw.CAPTIONS[0] == "a red cube" and tw.CAPTIONS[-1] == "a orange torus"
+
+
+@pytest.mark.parametrize("shape,point,dist", [
+    ("cube", (0, 0, 0), -0.4), ("cube", (1, 0, 0), 0.6), ("cube", (0.5, 0.5, 0.5), math.sqrt(3) * 0.1),
+    ("sphere", (0, 0, 0), -0.5), ("sphere", (0, 0.3, -0.4), 0.0), ("sphere", (1, 0, 0), 0.5),
+    ("cylinder", (0, 0, 0), -0.4), ("cylinder", (0, 0, 1), 0.6), ("cylinder", (1, 0, 1), math.hypot(0.6, 0.6)),
+    ("cylinder", (0.3, 0, 0.35), -0.05),
+    ("cone", (0, 0, 0.45), 0.0), ("cone", (0, 0, 1), 0.55), ("cone", (0, 0, -1), 0.55),
+    ("cone", (0.5, 0, -0.45), 0.0), ("cone", (0, 0, -0.4), -0.05),
+    # 0.1 off the middle of the slant side, along its outward normal (0.9, 0.5) / |.|
+    ("cone", (0.25 + 0.1 * 0.9 / math.hypot(0.9, 0.5), 0, 0.1 * 0.5 / math.hypot(0.9, 0.5)), 0.1),
+    ("torus", (0.4, 0, 0), -0.15), ("torus", (0, 0, 0), 0.25), ("torus", (0, 0, 1), math.hypot(0.4, 1) - 0.15),
+])
+def test_sdf_at_known_points(shape, point, dist):
+    assert float(tw.SDFS[shape](torch.tensor([point], dtype=torch.float32))) == pytest.approx(dist, abs=1e-5)
+
+
+INSIDE = {  # independent inside tests from the shape definitions
+    "cube": lambda p: (p.abs() <= 0.4).all(-1),
+    "sphere": lambda p: p.norm(dim=-1) <= 0.5,
+    "cylinder": lambda p: (p[:, :2].norm(dim=-1) <= 0.4) & (p[:, 2].abs() <= 0.4),
+    "cone": lambda p: (p[:, 2] >= -0.45) & (p[:, 2] <= 0.45) & (p[:, :2].norm(dim=-1) <= 0.5 * (0.45 - p[:, 2]) / 0.9),
+    "torus": lambda p: torch.hypot(p[:, :2].norm(dim=-1) - 0.4, p[:, 2]) <= 0.15,
+}
+
+
+@pytest.mark.parametrize("shape", tw.SHAPES)
+def test_sdf_sign_gradient_and_distance_to_dense_surface(shape):
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(300, 3, generator=g) * 2 - 1
+    d = tw.SDFS[shape](p)
+    assert torch.equal(d <= 0, INSIDE[shape](p))
+    # an exact SDF has a unit gradient almost everywhere (autograd)
+    q = p.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(tw.SDFS[shape](q).sum(), q)
+    assert (grad.norm(dim=-1) - 1).abs().quantile(0.95) < 1e-4
+    # |sdf| is the distance to the surface: compare with the nearest of 40k surface samples
+    surf, _ = tw.surface_points(shape, "red", 40000, g)
+    nearest = torch.cdist(p, surf).amin(1)
+    assert (nearest - d.abs()).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("shape", tw.SHAPES)
+def test_surface_points_on_surface_with_colour(shape):
+    g = torch.Generator().manual_seed(1)
+    xyz, rgb = tw.surface_points(shape, "orange", 5000, g)
+    assert xyz.shape == (5000, 3) and rgb.shape == (5000, 3)
+    assert tw.SDFS[shape](xyz).abs().max() < 1e-5
+    assert torch.allclose(rgb, torch.tensor(tw.COLOURS["orange"]).expand(5000, 3))
+
+
+def test_surface_points_are_area_uniform():
+    g = torch.Generator().manual_seed(2)
+    n = 40000
+    cyl, _ = tw.surface_points("cylinder", "red", n, g)
+    side = 2 * math.pi * 0.4 * 0.8
+    on_side = (cyl[:, 2].abs() < 0.4 - 1e-6).float().mean()
+    assert on_side == pytest.approx(side / (side + 2 * math.pi * 0.4 ** 2), abs=0.01)
+    cone, _ = tw.surface_points("cone", "red", n, g)
+    upper = (cone[:, 2] > 0).float().mean()           # side above mid-height: a quarter of the side area
+    slant_area, base_area = math.pi * 0.5 * math.hypot(0.5, 0.9), math.pi * 0.25
+    assert upper == pytest.approx(0.25 * slant_area / (slant_area + base_area), abs=0.01)
+    tor, _ = tw.surface_points("torus", "red", n, g)
+    outer = (tor[:, :2].norm(dim=-1) > 0.4).float().mean()   # integral of (R + r cos phi) over cos phi > 0
+    assert outer == pytest.approx((0.4 * math.pi + 2 * 0.15) / (2 * math.pi * 0.4), abs=0.01)
+    cube, _ = tw.surface_points("cube", "red", n, g)
+    top = (cube[:, 2] > 0.4 - 1e-6).float().mean()
+    assert top == pytest.approx(1 / 6, abs=0.01)
+
+
+def test_sdf_samples_match_sdf():
+    xyz, d = tw.sdf_samples("torus", 1000, torch.Generator().manual_seed(3))
+    assert xyz.shape == (1000, 3) and torch.allclose(d, tw.sdf_torus(xyz))
+    assert (xyz[500:].abs() <= 1).all() and (d[:500].abs() < 0.4).all()
+
+
+def test_sphere_silhouette_matches_projection():
+    """A sphere of radius r at distance D projects to a disc of radius f tan(asin(r / D)) pixels."""
+    size, fov, D, scale = 48, 40.0, 3.5, 1.1
+    c2w = common.pose_spherical(torch.tensor([D]), torch.tensor([20.0]), torch.tensor([30.0]))
+    one = torch.ones(1)
+    rgb, alpha = tw.render_objects(torch.tensor([1]), torch.tensor([2]), c2w, torch.tensor([fov]), size,
+                                   0 * one, scale * one, torch.tensor([[0.0, 0.0, 1.0]]), 0.3 * one)
+    f = common.focal_from_fov(fov, size)
+    rho = f * math.tan(math.asin(0.5 * scale / D))
+    assert float(alpha.sum()) == pytest.approx(math.pi * rho ** 2, rel=0.03)
+    # the centre pixel is the shaded albedo: ambient + (1 - ambient) n.l, n.l = sin(20 deg) here
+    expect = torch.tensor(tw.COLOURS["blue"]) * (0.3 + 0.7 * math.sin(math.radians(20)))
+    centre = rgb[0, :, size // 2 - 1:size // 2 + 1, size // 2 - 1:size // 2 + 1].mean((1, 2))
+    assert torch.allclose(centre, expect, atol=0.02)
+
+
+def test_random_renders_reproducible_and_held_out_differs():
+    a, ia = tw.random_renders(6, 32, seed=5)
+    b, ib = tw.random_renders(6, 32, seed=5)
+    c, ic = tw.random_renders(6, 32, seed=5, held_out=True)
+    assert a.shape == (6, 3, 32, 32) and ia.dtype == torch.long
+    assert torch.equal(a, b) and torch.equal(ia, ib)
+    assert 0 <= a.min() and a.max() <= 1 and not torch.equal(a, c)
+    w, _ = tw.random_renders(4, 32, seed=1, background="white")
+    assert torch.all(w[:, :, 0, 0] == 1)

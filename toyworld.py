@@ -1,0 +1,365 @@
+"""toyworld.py -- the procedural toy world and the training of the tiny toy priors.
+
+Five shapes times six colours, 30 captions ("a red cube"). Every object is an analytic signed
+distance function (SDF) in a canonical pose (z up, centred at the origin), rendered by sphere
+tracing with lambertian shading. The method scripts never import this file: they load the priors
+it trains from data/ (data/toy_clip here), exactly as they would load a real model.
+
+  python toyworld.py train-clip [--steps N] [--device cuda]   train the toy CLIP -> data/toy_clip
+  python toyworld.py eval-clip                                  zero-shot top-1 on held-out renders
+  python toyworld.py preview                                    a grid of renders -> out/toyworld/
+
+Sections: 1. the objects (SDFs, surface samples)  2. the renderer  3. backgrounds
+          4. the render distributions and random_renders  5. the toy CLIP  6. command line
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+SHAPES = ["cube", "sphere", "cylinder", "cone", "torus"]
+COLOURS = {                                         # albedo, sRGB
+    "red": (0.85, 0.12, 0.10),
+    "green": (0.15, 0.70, 0.20),
+    "blue": (0.15, 0.30, 0.90),
+    "yellow": (0.95, 0.85, 0.15),
+    "purple": (0.55, 0.20, 0.75),
+    "orange": (0.98, 0.50, 0.08),
+}
+CAPTIONS = [f"a {c} {s}" for s in SHAPES for c in COLOURS]     # index = shape_idx * 6 + colour_idx
+ALBEDO = torch.tensor(list(COLOURS.values()))                   # (6, 3)
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+BOUND = 1.0                 # every object (after the size jitter) lies inside the sphere |x| < BOUND
+
+# ================================================================================================
+# 1. The objects: exact signed distances (negative inside), canonical pose
+# ================================================================================================
+
+CUBE_HALF = 0.4                                    # side 0.8
+SPHERE_R = 0.5
+CYL_R, CYL_HALF = 0.4, 0.4                         # radius 0.4, height 0.8, axis z
+CONE_R, CONE_HALF = 0.5, 0.45                      # base radius 0.5 at z = -0.45, apex at z = +0.45
+TORUS_R, TORUS_r = 0.4, 0.15                       # major / minor radius, in the xy-plane
+
+
+def sdf_cube(p: torch.Tensor) -> torch.Tensor:
+    """p (N, 3) -> (N,). q = |p| - b; outside: |max(q, 0)|, inside: max_i q_i."""
+    q = p.abs() - CUBE_HALF
+    return q.clamp(min=0).norm(dim=-1) + q.amax(-1).clamp(max=0)
+
+
+def sdf_sphere(p: torch.Tensor) -> torch.Tensor:
+    return p.norm(dim=-1) - SPHERE_R
+
+
+def _sdf_box2(r: torch.Tensor, z: torch.Tensor, half_r: float, half_z: float) -> torch.Tensor:
+    """Distance to the rectangle |r| <= half_r, |z| <= half_z in the (r, z) half-plane."""
+    q = torch.stack([r.abs() - half_r, z.abs() - half_z], -1)
+    return q.clamp(min=0).norm(dim=-1) + q.amax(-1).clamp(max=0)
+
+
+def sdf_cylinder(p: torch.Tensor) -> torch.Tensor:
+    """A solid of revolution: the 2D distance of (r, z) to its cross-section, r = |p_xy|."""
+    return _sdf_box2(p[:, :2].norm(dim=-1), p[:, 2], CYL_R, CYL_HALF)
+
+
+def _dist_segment2(q: torch.Tensor, a, b) -> torch.Tensor:
+    """Distance from 2D points q (N, 2) to the segment a-b."""
+    a, b = q.new_tensor(a), q.new_tensor(b)
+    h = ((q - a) @ (b - a) / (b - a).dot(b - a)).clamp(0, 1)
+    return (q - a - h[:, None] * (b - a)).norm(dim=-1)
+
+
+def sdf_cone(p: torch.Tensor) -> torch.Tensor:
+    """Cross-section in (r, z), r >= 0: the triangle apex (0, H), rim (R, -H), centre (0, -H).
+    Its boundary (the axis is inside the solid, not a surface) is the slant side and the base."""
+    q = torch.stack([p[:, :2].norm(dim=-1), p[:, 2]], -1)                          # (N, 2)
+    apex, rim, centre = (0.0, CONE_HALF), (CONE_R, -CONE_HALF), (0.0, -CONE_HALF)
+    d = torch.minimum(_dist_segment2(q, apex, rim), _dist_segment2(q, centre, rim))
+    r_at_z = CONE_R * (CONE_HALF - q[:, 1]) / (2 * CONE_HALF)                      # radius at height z
+    inside = (q[:, 1] >= -CONE_HALF) & (q[:, 0] <= r_at_z)
+    return torch.where(inside, -d, d)
+
+
+def sdf_torus(p: torch.Tensor) -> torch.Tensor:
+    """(|p_xy| - R, z) is the offset from the tube's centre circle; minus the tube radius r."""
+    q = torch.stack([p[:, :2].norm(dim=-1) - TORUS_R, p[:, 2]], -1)
+    return q.norm(dim=-1) - TORUS_r
+
+
+SDFS = {"cube": sdf_cube, "sphere": sdf_sphere, "cylinder": sdf_cylinder, "cone": sdf_cone,
+        "torus": sdf_torus}
+
+
+def sdf_by_shape(q: torch.Tensor, shape_idx: torch.Tensor) -> torch.Tensor:
+    """Canonical-pose distance of each point q (N, 3) to its own shape SHAPES[shape_idx] (N,)."""
+    d = torch.empty_like(q[:, 0])
+    for k, name in enumerate(SHAPES):
+        m = shape_idx == k
+        d[m] = SDFS[name](q[m])
+    return d
+
+
+def to_object(p: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """World points or directions (N, 3) -> the canonical frame of objects rotated by `yaw`
+    (radians, about z) and scaled by `scale` (N,): R_z(-yaw) p / scale."""
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    return torch.stack([c * p[:, 0] + s * p[:, 1], -s * p[:, 0] + c * p[:, 1], p[:, 2]], -1) / scale[:, None]
+
+
+def scene_sdf(p: torch.Tensor, shape_idx: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor):
+    """World-space distance to posed objects, one per point: p (N, 3); shape_idx, yaw, scale (N,).
+    An exact SDF stays exact under a rotation and a uniform scale:
+    sdf_world(p) = scale * sdf(R_z(-yaw) p / scale)."""
+    return sdf_by_shape(to_object(p, yaw, scale), shape_idx) * scale
+
+
+def _areas(shape: str) -> dict:
+    """Surface area of each part of a shape (for area-uniform sampling)."""
+    slant = math.hypot(CONE_R, 2 * CONE_HALF)
+    return {"cube": {"faces": 6 * (2 * CUBE_HALF) ** 2},
+            "sphere": {"sphere": 4 * math.pi * SPHERE_R ** 2},
+            "cylinder": {"side": 2 * math.pi * CYL_R * 2 * CYL_HALF, "caps": 2 * math.pi * CYL_R ** 2},
+            "cone": {"side": math.pi * CONE_R * slant, "base": math.pi * CONE_R ** 2},
+            "torus": {"torus": 4 * math.pi ** 2 * TORUS_R * TORUS_r}}[shape]
+
+
+def surface_points(shape: str, colour: str, n: int, generator=None):
+    """n points drawn uniformly by area on the canonical surface, with the object's albedo.
+    Returns xyz (n, 3) and rgb (n, 3)."""
+    g = generator
+    u = lambda *s: torch.rand(*s, generator=g)                                    # noqa: E731
+    if shape == "cube":
+        # a face (6 of equal area), then a uniform point on it
+        face = torch.randint(0, 6, (n,), generator=g)
+        axis, sign = face // 2, (face % 2) * 2.0 - 1.0
+        xyz = (u(n, 3) * 2 - 1) * CUBE_HALF
+        xyz[torch.arange(n), axis] = sign * CUBE_HALF
+    elif shape == "sphere":
+        xyz = F.normalize(torch.randn(n, 3, generator=g), dim=-1) * SPHERE_R
+    elif shape == "cylinder":
+        a = _areas("cylinder")
+        on_side = u(n) < a["side"] / (a["side"] + a["caps"])
+        theta = u(n) * 2 * math.pi
+        rad = torch.where(on_side, torch.full((n,), CYL_R), CYL_R * u(n).sqrt())   # uniform on a disc
+        z = torch.where(on_side, (u(n) * 2 - 1) * CYL_HALF, torch.sign(u(n) - 0.5) * CYL_HALF)
+        xyz = torch.stack([rad * theta.cos(), rad * theta.sin(), z], -1)
+    elif shape == "cone":
+        a = _areas("cone")
+        on_side = u(n) < a["side"] / (a["side"] + a["base"])
+        theta = u(n) * 2 * math.pi
+        frac = u(n).sqrt()              # side: area grows like (distance from apex)^2; base: a disc
+        rad = CONE_R * frac
+        z = torch.where(on_side, CONE_HALF - 2 * CONE_HALF * frac, torch.full((n,), -CONE_HALF))
+        xyz = torch.stack([rad * theta.cos(), rad * theta.sin(), z], -1)
+    elif shape == "torus":
+        # area element (R + r cos phi) dphi dtheta: rejection-sample phi
+        phis = []
+        while sum(len(x) for x in phis) < n:
+            phi = u(2 * n) * 2 * math.pi
+            keep = u(2 * n) * (TORUS_R + TORUS_r) < TORUS_R + TORUS_r * phi.cos()
+            phis.append(phi[keep])
+        phi = torch.cat(phis)[:n]
+        theta = u(n) * 2 * math.pi
+        rad = TORUS_R + TORUS_r * phi.cos()
+        xyz = torch.stack([rad * theta.cos(), rad * theta.sin(), TORUS_r * phi.sin()], -1)
+    else:
+        raise common.UserError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+    if colour not in COLOURS:
+        raise common.UserError(f"unknown colour {colour!r} (one of {', '.join(COLOURS)})")
+    return xyz, torch.tensor(COLOURS[colour]).expand(n, 3).clone()
+
+
+def sdf_samples(shape: str, n: int, generator=None):
+    """Training samples for an SDF: half near the surface (surface points + N(0, 0.02^2) or
+    N(0, 0.1^2) offsets), half uniform in [-1, 1]^3. Returns xyz (n, 3), sdf (n,)."""
+    n_near = n // 2
+    surf, _ = surface_points(shape, "red", n_near, generator)
+    sigma = torch.where(torch.rand(n_near, 1, generator=generator) < 0.5, 0.02, 0.1)
+    near = surf + sigma * torch.randn(n_near, 3, generator=generator)
+    far = torch.rand(n - n_near, 3, generator=generator) * 2 - 1
+    xyz = torch.cat([near, far])
+    return xyz, SDFS[shape](xyz)
+
+
+# ================================================================================================
+# 2. The renderer: sphere tracing + lambertian shading
+# ================================================================================================
+
+
+def sphere_trace(rays_o, rays_d, shape_idx, yaw, scale, steps: int = 64, eps: float = 1e-3):
+    """March each ray by the distance bound, t <- t + sdf(o + t d), until it is within eps of
+    the surface or leaves the bounding sphere. rays_o, rays_d (N, 3) (d unit length);
+    shape_idx, yaw, scale (N,). Returns the hit points (N, 3) and a hit mask (N,)."""
+    # start and stop where the ray meets the bounding sphere |x| = BOUND
+    b = (rays_o * rays_d).sum(-1)
+    disc = b * b - (rays_o * rays_o).sum(-1) + BOUND ** 2
+    t_far = -b + disc.clamp(min=0).sqrt()
+    t = (-b - disc.clamp(min=0).sqrt()).clamp(min=0)
+    # march in each object's frame: p_obj = o_obj + t d_obj, world distance = scale * sdf(p_obj)
+    o_obj, d_obj = to_object(rays_o, yaw, scale), to_object(rays_d, yaw, scale)
+    active = torch.nonzero(disc > 0)[:, 0]              # only rays still marching are evaluated
+    for _ in range(steps):
+        dist = sdf_by_shape(o_obj[active] + t[active, None] * d_obj[active], shape_idx[active]) * scale[active]
+        t[active] = torch.minimum(t[active] + dist, t_far[active])
+        active = active[(dist > 0.1 * eps) & (t[active] < t_far[active])]
+        if len(active) == 0:
+            break
+    x = rays_o + t[:, None] * rays_d
+    hit = (disc > 0) & (t < t_far) & (scene_sdf(x, shape_idx, yaw, scale).abs() < 5 * eps)
+    return x, hit
+
+
+def scene_normals(x, shape_idx, yaw, scale, h: float = 1e-3):
+    """Unit normals (N, 3): the SDF gradient by central differences."""
+    grads = []
+    for k in range(3):
+        e = torch.zeros(3, device=x.device)
+        e[k] = h
+        grads.append(scene_sdf(x + e, shape_idx, yaw, scale) - scene_sdf(x - e, shape_idx, yaw, scale))
+    return F.normalize(torch.stack(grads, -1), dim=-1)
+
+
+def render_objects(shape_idx, colour_idx, c2w, fov, size: int, yaw, scale, light_dir, ambient,
+                   supersample: int = 2):
+    """Render one object per image. shape_idx, colour_idx (B,) long; c2w (B, 4, 4); fov (B,)
+    degrees; yaw (B,) radians; scale (B,); light_dir (B, 3) unit, pointing at the light;
+    ambient (B,). Lambertian shading: colour = albedo * (ambient + (1 - ambient) max(0, n.l)).
+    Renders at size * supersample and box-filters down (anti-aliasing).
+    Returns premultiplied rgb (B, 3, size, size) and alpha (B, 1, size, size): composite as
+    rgb + (1 - alpha) * background."""
+    B, dev = len(shape_idx), c2w.device
+    S = size * supersample
+    focal = torch.tensor([common.focal_from_fov(f, S) for f in fov.tolist()], device=dev)     # (B,)
+    dirs = common.pixel_directions(S, S, 1.0, device=dev)                                    # (S, S, 3)
+    dirs = torch.cat([dirs[None, ..., :2] / focal[:, None, None, None],
+                      dirs[None, ..., 2:].expand(B, S, S, 1)], -1)                          # (B, S, S, 3)
+    rays_d = F.normalize((c2w[:, None, None, :3, :3] @ dirs[..., None])[..., 0], dim=-1).reshape(-1, 3)
+    rays_o = c2w[:, None, None, :3, 3].expand(B, S, S, 3).reshape(-1, 3)
+    per_ray = lambda v: v.to(dev)[:, None].expand(B, S * S).reshape(-1)              # noqa: E731
+    sh, yw, sc = per_ray(shape_idx), per_ray(yaw), per_ray(scale)
+    x, hit = sphere_trace(rays_o, rays_d, sh, yw, sc)
+    n = scene_normals(x, sh, yw, sc)                                                  # (B S S, 3)
+    l = light_dir.to(dev)[:, None, :].expand(B, S * S, 3).reshape(-1, 3)
+    amb = per_ray(ambient)
+    shade = amb + (1 - amb) * (n * l).sum(-1).clamp(min=0)                            # (B S S,)
+    albedo = ALBEDO.to(dev)[colour_idx.to(dev)][:, None, :].expand(B, S * S, 3).reshape(-1, 3)
+    rgb = (albedo * shade[:, None] * hit[:, None]).reshape(B, S, S, 3).permute(0, 3, 1, 2)
+    alpha = hit.float().reshape(B, 1, S, S)
+    return F.avg_pool2d(rgb, supersample), F.avg_pool2d(alpha, supersample)
+
+
+# ================================================================================================
+# 3. Backgrounds (Dream Fields composites renders over noise, checkerboards, Fourier textures,
+#    all blurred; the held-out kinds are never seen in training)
+# ================================================================================================
+
+TRAIN_BACKGROUNDS = ("white", "solid", "noise", "checker", "fourier")
+HELD_OUT_BACKGROUNDS = ("gradient", "stripes")
+
+
+def _grid(n, size, device):
+    """Pixel centres in [0, 1]: x, y each (1, 1, size, size)."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    return c[None, None, None, :].expand(1, 1, size, size), c[None, None, :, None].expand(1, 1, size, size)
+
+
+def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image (B, C, H, W) by its own Gaussian sigma (B,) in pixels (separable)."""
+    B, C, H, W = img.shape
+    r = max(int(math.ceil(3 * float(sigma.max()))), 1)
+    x = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
+    k = torch.exp(-0.5 * (x[None, :] / sigma[:, None].clamp(min=1e-3)) ** 2)            # (B, 2r+1)
+    k = (k / k.sum(-1, keepdim=True)).repeat_interleave(C, 0)                             # (B C, 2r+1)
+    y = F.pad(img.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)
+    return y.reshape(B, C, H, W)
+
+
+def backgrounds(kinds: list, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One background per entry of `kinds` -> (B, 3, size, size) in [0, 1], on the generator's
+    device. Textured kinds are blurred by sigma ~ U(0, 10) pixels at 224 px (Dream Fields)."""
+    B, dev = len(kinds), generator.device
+    u = lambda *s: torch.rand(*s, generator=generator, device=dev)                  # noqa: E731
+    x, y = _grid(B, size, dev)
+    c0, c1 = u(B, 3, 1, 1), u(B, 3, 1, 1)
+    out = {}
+    out["white"] = torch.ones(B, 3, size, size, device=dev)
+    out["solid"] = c0.expand(B, 3, size, size)
+    out["noise"] = u(B, 3, size, size)
+    # checkerboard of 8 squares per side, random phase
+    ph = u(B, 2, 1, 1)
+    out["checker"] = torch.where(((x * 8 + ph[:, :1]).floor() + (y * 8 + ph[:, 1:]).floor()) % 2 == 0, c0, c1)
+    # random Fourier texture: 16 random plane waves per channel, normalised to [0, 1]
+    freq = torch.randn(B, 3, 16, 2, generator=generator, device=dev) * 4 * 2 * math.pi    # radians / image
+    phase = u(B, 3, 16) * 2 * math.pi
+    waves = torch.sin(freq[..., 0, None, None] * x[..., None, :, :] + freq[..., 1, None, None] * y[..., None, :, :]
+                      + phase[..., None, None]).sum(2)                                        # (B, 3, S, S)
+    lo, hi = waves.amin((2, 3), keepdim=True), waves.amax((2, 3), keepdim=True)
+    out["fourier"] = (waves - lo) / (hi - lo + 1e-6)
+    # held out: linear gradient between two colours, and stripes, at random angles
+    ang = u(B, 1, 1, 1) * 2 * math.pi
+    proj = (x - 0.5) * ang.cos() + (y - 0.5) * ang.sin()
+    out["gradient"] = c0 + (c1 - c0) * (proj / math.sqrt(0.5) + 0.5).clamp(0, 1)
+    period = 0.1 + 0.2 * u(B, 1, 1, 1)
+    out["stripes"] = torch.where((proj / period).floor() % 2 == 0, c0, c1)
+    sigma = u(B) * 10 * size / 224
+    img = torch.stack([out[k][i] for i, k in enumerate(kinds)])
+    textured = torch.tensor([k not in ("white", "solid") for k in kinds], device=dev)
+    return torch.where(textured[:, None, None, None], gaussian_blur(img, sigma), img)
+
+
+# ================================================================================================
+# 4. The render distributions: training, and held out (disjoint yaw, light and backgrounds)
+# ================================================================================================
+
+
+def sample_scenes(n: int, held_out: bool, generator: torch.Generator) -> dict:
+    """Random objects, cameras and lights (on the CPU generator). Object yaw is drawn from the
+    first half of each 90-degree quadrant for training, the second half for held-out; the light
+    sits near the camera, its azimuth offset |da| < 35 degrees (training) or 35..60 (held out)."""
+    g = generator
+    u = lambda *s: torch.rand(*s, generator=g)                                     # noqa: E731
+    shape_idx = torch.randint(0, len(SHAPES), (n,), generator=g)
+    colour_idx = torch.randint(0, len(COLOURS), (n,), generator=g)
+    cams = common.sample_cameras(n, radius=(3.0, 4.0), elevation=(-10.0, 60.0), fov=(35.0, 45.0), generator=g)
+    quadrant = torch.randint(0, 4, (n,), generator=g)
+    yaw = torch.deg2rad(quadrant * 90.0 + 45.0 * u(n) + (45.0 if held_out else 0.0))
+    side = torch.where(u(n) < 0.5, -1.0, 1.0)
+    d_az = side * (35.0 + 25.0 * u(n)) if held_out else (u(n) * 2 - 1) * 35.0
+    light_el = (cams["elevation"] + 30.0 * u(n)).clamp(max=85.0)
+    light = common.spherical_to_cartesian(1.0, light_el, cams["azimuth"] + d_az)
+    return {"shape_idx": shape_idx, "colour_idx": colour_idx, "c2w": cams["c2w"], "fov": cams["fov"],
+            "yaw": yaw, "scale": 0.9 + 0.2 * u(n), "light_dir": light, "ambient": 0.25 + 0.2 * u(n)}
+
+
+def random_renders(n: int, size: int, seed: int = 0, device="cpu", held_out: bool = False,
+                   background="random", chunk: int = 256):
+    """n random toy renders. background: "random" (a uniform mix of the split's kinds), or one of
+    TRAIN_BACKGROUNDS + HELD_OUT_BACKGROUNDS, e.g. "white". All randomness comes from `seed` on
+    the CPU, so the images are the same on every device (up to float rounding).
+    Returns images (n, 3, size, size) in [0, 1] and caption_idx (n,) long (index into CAPTIONS)."""
+    g = torch.Generator().manual_seed(seed)
+    kinds_all = HELD_OUT_BACKGROUNDS if held_out else TRAIN_BACKGROUNDS
+    if background != "random" and background not in TRAIN_BACKGROUNDS + HELD_OUT_BACKGROUNDS:
+        raise common.UserError(f"unknown background {background!r}")
+    sc = sample_scenes(n, held_out, g)
+    pick = torch.randint(0, len(kinds_all), (n,), generator=g)
+    kinds = [kinds_all[i] for i in pick] if background == "random" else [background] * n
+    bg = backgrounds(kinds, size, g)
+    images = []
+    for i in range(0, n, chunk):
+        s = {k: v[i:i + chunk].to(device) for k, v in sc.items()}
+        rgb, alpha = render_objects(s["shape_idx"], s["colour_idx"], s["c2w"], s["fov"], size, s["yaw"],
+                                    s["scale"], s["light_dir"], s["ambient"])
+        images.append(rgb + (1 - alpha) * bg[i:i + chunk].to(device))
+    caption_idx = sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]
+    return torch.cat(images).clamp(0, 1), caption_idx.to(device)
