@@ -312,8 +312,10 @@ def backgrounds(kinds: list, size: int, generator: torch.Generator) -> torch.Ten
     period = 0.1 + 0.2 * u(B, 1, 1, 1)
     out["stripes"] = torch.where((proj / period).floor() % 2 == 0, c0, c1)
     sigma = u(B) * 10 * size / 224
-    img = torch.stack([out[k][i] for i, k in enumerate(kinds)])
-    textured = torch.tensor([k not in ("white", "solid") for k in kinds], device=dev)
+    names = list(out)
+    pick = torch.tensor([names.index(k) for k in kinds], device=dev)
+    img = torch.stack([out[k].expand(B, 3, size, size) for k in names])[pick, torch.arange(B, device=dev)]
+    textured = (pick != names.index("white")) & (pick != names.index("solid"))
     return torch.where(textured[:, None, None, None], gaussian_blur(img, sigma), img)
 
 
@@ -363,3 +365,183 @@ def random_renders(n: int, size: int, seed: int = 0, device="cpu", held_out: boo
         images.append(rgb + (1 - alpha) * bg[i:i + chunk].to(device))
     caption_idx = sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]
     return torch.cat(images).clamp(0, 1), caption_idx.to(device)
+
+
+# ================================================================================================
+# 5. The toy CLIP: a tiny open_clip ViT, trained contrastively on toy renders and their captions
+# ================================================================================================
+
+TOY_CLIP_DIR = os.path.join(DATA, "toy_clip")
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# open_clip's folder format ("local-dir:"): the architecture and the preprocessing. The text tower
+# keeps open_clip's BPE vocabulary (49408 tokens) with a narrow width, so the token table stays small.
+TOY_CLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+    },
+    "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
+                       "resize_mode": "squash"},
+}
+TOY_VOCAB = ["a"] + list(COLOURS) + SHAPES
+
+
+def render_pool(n: int, size: int, seed: int, device, chunk: int = 256) -> dict:
+    """n training-distribution objects without backgrounds: premultiplied rgb (n, 3, size, size)
+    and alpha (n, 1, size, size) in half precision, and caption indices (n,)."""
+    sc = sample_scenes(n, held_out=False, generator=torch.Generator().manual_seed(seed))
+    rgb, alpha = [], []
+    for i in range(0, n, chunk):
+        s = {k: v[i:i + chunk].to(device) for k, v in sc.items()}
+        c, a = render_objects(s["shape_idx"], s["colour_idx"], s["c2w"], s["fov"], size, s["yaw"], s["scale"],
+                              s["light_dir"], s["ambient"])
+        rgb.append(c.half())
+        alpha.append(a.half())
+    return {"rgb": torch.cat(rgb), "alpha": torch.cat(alpha),
+            "caption_idx": (sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]).to(device)}
+
+
+def random_crops(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
+    """Dream Fields-style augmentation: a random square crop (side min_scale..1 of the image),
+    randomly mirrored, resized back to the input size (bilinear). (B, 3, S, S) -> same shape."""
+    B, dev = len(images), images.device
+    u = lambda *s: torch.rand(*s, generator=generator, device=dev)                  # noqa: E731
+    side = min_scale + (1 - min_scale) * u(B)
+    centre = (1 - side)[:, None] * (u(B, 2) * 2 - 1)                                # keep the crop inside
+    flip = torch.where(u(B) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = side * flip, side, centre
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def write_clip_folder(folder: str, state_dict=None, info=None):
+    """open_clip's folder format: open_clip_config.json, open_clip_pytorch_model.bin (weights),
+    plus our toyworld.json (the vocabulary that the prior interface checks prompts against)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(TOY_CLIP_CONFIG, f, indent=2)
+    if state_dict is not None:
+        torch.save(state_dict, os.path.join(folder, "open_clip_pytorch_model.bin"))
+    with open(os.path.join(folder, "toyworld.json"), "w") as f:
+        json.dump({"vocab": TOY_VOCAB, "captions": CAPTIONS, **(info or {})}, f, indent=2)
+
+
+def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed: int, device):
+    """Train the toy CLIP from scratch. Every batch holds all 30 captions, so the contrastive
+    (InfoNCE) loss of CLIP is taken over the full caption set: for image i with caption y_i,
+    loss_i = -log softmax_j(s * <f(image_i), g(caption_j)>)[y_i], with the learned temperature s.
+    Each image is a pooled object composited over a fresh random background, then a random crop."""
+    import open_clip
+    common.seed_everything(seed)
+    write_clip_folder(out)                              # the architecture first: open_clip builds from it
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + out, device=device)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + out)
+    tokens = tokenizer(CAPTIONS).to(device)                                                 # (30, 16)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (OPENAI_MEAN, OPENAI_STD))
+    size = TOY_CLIP_CONFIG["model_cfg"]["vision_cfg"]["image_size"]
+    t0 = time.time()
+    pool = render_pool(pool_size, size, seed, device)
+    print(f"rendered {pool_size} objects in {time.time() - t0:.0f} s", flush=True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then cosine decay to 0
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=torch.device(device).type == "cuda")
+    model.train()
+    bar = common.progress(range(steps), desc="toy CLIP")
+    for step in bar:
+        idx = torch.randint(0, pool_size, (batch,), generator=g, device=device)
+        kinds = [TRAIN_BACKGROUNDS[k] for k in torch.randint(0, len(TRAIN_BACKGROUNDS), (batch,)).tolist()]
+        alpha = pool["alpha"][idx].float()
+        images = pool["rgb"][idx].float() + (1 - alpha) * backgrounds(kinds, size, g)
+        images = random_crops(images, g)
+        with autocast:
+            img = F.normalize(model.encode_image((images - mean) / std), dim=-1)           # (B, 128)
+            txt = F.normalize(model.encode_text(tokens), dim=-1)                           # (30, 128)
+            logits = model.logit_scale.exp() * img.float() @ txt.float().T                # (B, 30)
+            loss = F.cross_entropy(logits, pool["caption_idx"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 100 == 0:
+            acc = (logits.argmax(-1) == pool["caption_idx"][idx]).float().mean()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
+    # keep the file small: half precision, and the token rows of words the captions never use
+    # (they were never trained) set to zero, so the file compresses
+    state = {k: v.detach().half().cpu() for k, v in model.state_dict().items()}
+    used = torch.zeros(state["token_embedding.weight"].shape[0], dtype=torch.bool)
+    used[tokens.unique().cpu()] = True
+    state["token_embedding.weight"][~used] = 0
+    info = {"trained": {"steps": steps, "batch": batch, "pool": pool_size, "lr": lr, "seed": seed,
+                        "device": str(device), "seconds": round(time.time() - t0)}}
+    write_clip_folder(out, state, info)
+    return info
+
+
+def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, held_out: bool = True) -> float:
+    """Zero-shot top-1 over the 30 captions on n renders (held out: new yaw, light, backgrounds),
+    through the same prior interface the method scripts use."""
+    from _prior_clip import CLIPPrior
+    prior = CLIPPrior(model, pretrained, device=device)
+    correct = 0
+    for i in range(0, n, 500):
+        images, idx = random_renders(min(500, n - i), 64, seed=seed + i, device=device, held_out=held_out)
+        correct += prior.r_precision(images, CAPTIONS, idx) * len(idx)
+    return correct / n
+
+
+# ================================================================================================
+# 6. Command line
+# ================================================================================================
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train-clip", help="train the toy CLIP (-> data/toy_clip)")
+    t.add_argument("--out", default=TOY_CLIP_DIR)
+    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--batch", type=int, default=256)
+    t.add_argument("--pool", type=int, default=20000, help="number of pre-rendered objects")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-n", type=int, default=3000, help="held-out renders for the final evaluation")
+    e = sub.add_parser("eval-clip", help="zero-shot top-1 of a CLIP on held-out toy renders")
+    e.add_argument("--model", default="toy", help="toy | an open_clip folder | architecture (with --pretrained)")
+    e.add_argument("--pretrained", default=None)
+    e.add_argument("--n", type=int, default=3000)
+    v = sub.add_parser("preview", help="a grid of 30 training and 30 held-out renders")
+    v.add_argument("--out", default="out/toyworld")
+    for s in (t, e, v):
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default="auto")
+    a = p.parse_args()
+    device = common.pick_device(a.device)
+    if a.cmd == "train-clip":
+        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device)
+        acc = eval_clip(a.out, a.eval_n, 10_000 + a.seed, device)
+        info["zero_shot_top1_held_out"] = {"top1": round(acc, 4), "renders": a.eval_n}
+        write_clip_folder(a.out, info=info)
+        print(f"zero-shot top-1 on {a.eval_n} held-out renders: {acc:.4f}")
+    elif a.cmd == "eval-clip":
+        acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained)
+        print(f"zero-shot top-1 on {a.n} held-out renders: {acc:.4f}")
+    elif a.cmd == "preview":
+        for held_out in (False, True):
+            images, _ = random_renders(30, 64, seed=a.seed, held_out=held_out, device=device)
+            grid = images.reshape(5, 6, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(5 * 64, 6 * 64, 3)
+            path = os.path.join(a.out, f"renders_{'held_out' if held_out else 'train'}.png")
+            os.makedirs(a.out, exist_ok=True)
+            common.save_image(path, grid)
+            print(path)
+
+
+if __name__ == "__main__":
+    with common.cli_errors():
+        main()
