@@ -65,8 +65,15 @@ def _edge_functions(tri_clip: torch.Tensor) -> torch.Tensor:
     For a pixel at NDC p = (px, py, 1), d_k = e_k . p is proportional to the perspective-correct
     barycentric of vertex k: lambda_k = d_k / sum_j d_j (Eq. E1), and d_k = 0 on the projected edge
     opposite vertex k (it is an affine function of the pixel position)."""
-    c = tri_clip[..., [0, 1, 3]]                                                   # (..., 3, 3)
+    c = torch.cat([tri_clip[..., :2], tri_clip[..., 3:]], dim=-1)                  # (..., 3, 3)
     return torch.cross(c.roll(-1, dims=-2), c.roll(-2, dims=-2), dim=-1)
+
+
+def _orientation(tri_clip: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """det(c_0, c_1, c_2) = c_0 . e_0 of triangles (..., 3, 4) with edge functions e (..., 3, 3): its sign
+    is the sign every d_k takes inside the triangle (front or back facing), 0 for a degenerate one."""
+    c0 = torch.cat([tri_clip[..., 0, :2], tri_clip[..., 0, 3:]], dim=-1)          # (..., 3)
+    return (c0 * e[..., 0, :]).sum(-1)
 
 
 def _visible_triangles(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int,
@@ -82,7 +89,7 @@ def _visible_triangles(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W:
     tri = verts_clip[:, faces]                                                     # (B, F, 3, 4)
     w = tri[..., 3]
     e = _edge_functions(tri)                                                       # (B, F, 3, 3)
-    det = (tri[..., 0, [0, 1, 3]] * e[..., 0, :]).sum(-1)                          # (B, F) orientation
+    det = _orientation(tri, e)                                                     # (B, F)
     ok = (w > 1e-8).all(-1) & (det != 0)
     w_safe = torch.where(ok[..., None], w, torch.ones_like(w))
     sx = ((tri[..., 0] / w_safe + 1.0) * 0.5 * W).clamp(-1.0, W + 1.0)             # (B, F, 3) screen x
@@ -101,15 +108,15 @@ def _visible_triangles(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W:
     ends = counts.cumsum(0)
     starts = ends - counts
     total = int(ends[-1]) if ends.numel() else 0
-    # split the triangles into runs of about `chunk` candidate pairs
-    cuts = torch.searchsorted(ends, torch.arange(chunk, max(total, chunk), chunk, device=dev), right=True)
-    bounds = [0] + cuts.tolist() + [B * Fn]
+    runs = [(0, B * Fn, total)]
+    if total > chunk:   # split the triangles into runs of about `chunk` candidate pairs
+        cuts = torch.searchsorted(ends, torch.arange(chunk, total, chunk, device=dev), right=True)
+        bounds = torch.unique(torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), B * Fn)]))
+        lo, hi = bounds[:-1], bounds[1:]
+        runs = list(zip(lo.tolist(), hi.tolist(), (ends[hi - 1] - starts[lo]).tolist()))
     NONE = torch.iinfo(torch.int64).max
     best = torch.full((B * H * W,), NONE, dtype=torch.int64, device=dev)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi <= lo:
-            continue
-        n = int(ends[hi - 1] - starts[lo])
+    for lo, hi, n in runs:
         if n == 0:
             continue
         g = torch.repeat_interleave(torch.arange(lo, hi, device=dev), counts[lo:hi], output_size=n)
@@ -130,10 +137,18 @@ def _visible_triangles(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W:
 
 
 def _gather_triangles(verts: torch.Tensor, faces: torch.Tensor, tri_id: torch.Tensor) -> torch.Tensor:
-    """Vertices (B, V, C) of the triangle tri_id (B, H, W) (background -> triangle 0) -> (B, H, W, 3, C)."""
-    B = verts.shape[0]
+    """Vertices (B, V, C), or (V, C) shared by the batch, of the triangle tri_id (B, H, W) each pixel
+    sees -> (B, H, W, 3, C). Background pixels get arbitrary vertices (callers mask them out), spread
+    over the mesh so that the backward pass (index_select's scatter-add) does not pile them all onto
+    one vertex."""
     idx = faces[tri_id.clamp(min=0)]                                               # (B, H, W, 3)
-    return verts[torch.arange(B, device=verts.device).view(B, 1, 1, 1), idx]
+    if verts.dim() == 3:
+        B, V, C = verts.shape
+        idx = idx + V * torch.arange(B, device=verts.device).view(B, 1, 1, 1)
+        verts = verts.reshape(B * V, C)
+    spread = torch.arange(idx.numel(), device=idx.device).view(idx.shape) % verts.shape[0]
+    idx = torch.where((tri_id >= 0)[..., None], idx, spread)
+    return verts.index_select(0, idx.flatten()).view(idx.shape + verts.shape[-1:])
 
 
 def rasterize(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -161,8 +176,6 @@ def rasterize(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int) -> 
 def interpolate(attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Per-vertex attributes attr (V, C) or (B, V, C) at every pixel of rast (B, H, W, 4) ->
     (B, H, W, C), zero on background: a = u a_0 + v a_1 + (1 - u - v) a_2."""
-    B = rast.shape[0]
-    attr = attr.expand(B, -1, -1)                                                  # (B, V, C)
     tri_id = rast[..., 3].long() - 1
     a = _gather_triangles(attr, faces, tri_id)                                     # (B, H, W, 3, C)
     u, v = rast[..., 0:1], rast[..., 1:2]
@@ -193,59 +206,56 @@ def face_neighbors(faces: torch.Tensor) -> torch.Tensor:
 def antialias(color: torch.Tensor, rast: torch.Tensor, verts_clip: torch.Tensor,
               faces: torch.Tensor) -> torch.Tensor:
     """Analytic antialiasing of silhouette edges (after nvdiffrast's antialias), color (B, H, W, C) ->
-    (B, H, W, C). For each pair of horizontal or vertical neighbour pixels that see different surfaces,
-    the front one's triangle is followed along the segment between the two pixel centres (t = 0 at the
-    front pixel, 1 at the other) to the first of its edges that it crosses, at
-        t* = d_k(front) / (d_k(front) - d_k(other))            (Eq. A1, d_k affine, Eq. E1)
-    If that edge is a silhouette (its two faces face opposite ways, or the other pixel is background),
-    the pixel the edge passes through (each pixel spans half a step either side of its centre) takes
-    the other colour in proportion to the part of it that lies beyond the edge:
-        t* < 1/2:  c_front += (1/2 - t*) (c_other - c_front)    else: c_other += (t* - 1/2) (c_front - c_other)
-    t* moves with the edge's vertices, so the outline of the mesh gets gradient (Eq. A1)."""
-    B, H, W, _ = color.shape
+    (B, H, W, C). Each pixel looks at its 4 neighbours. Where a neighbour shows another surface that is
+    farther (or background), the pixel's own triangle is followed along the segment between the two
+    pixel centres (t = 0 here, t = 1 at the neighbour) to the first of its edges the segment crosses, at
+        t* = d_k(here) / (d_k(here) - d_k(neighbour))                        (Eq. A1, d_k affine, Eq. E1)
+    If that edge is a silhouette (its two faces face opposite ways, or the neighbour is background),
+    the pixel the edge passes through (a pixel spans half a step either side of its centre) takes the
+    other one's colour in proportion to its part beyond the edge:
+        t* < 1/2:  c_here += (1/2 - t*) (c_nb - c_here)      else:  c_nb += (t* - 1/2) (c_here - c_nb)
+    t* moves with the edge's two vertices, so the outline of the mesh gets gradient."""
+    B, H, W, C = color.shape
+    dev, dt = color.device, verts_clip.dtype
     tri_id = rast[..., 3].detach().long() - 1                                      # (B, H, W)
     depth = torch.where(tri_id >= 0, rast[..., 2].detach(), torch.inf)
     tri = _gather_triangles(verts_clip, faces, tri_id)                             # (B, H, W, 3, 4)
     e = _edge_functions(tri)                                                       # (B, H, W, 3, 3)
-    sign = (tri[..., 0, [0, 1, 3]] * e[..., 0, :]).sum(-1).sign().detach()         # (B, H, W)
-    with torch.no_grad():                                                          # silhouette edges
+    with torch.no_grad():
+        sign = _orientation(tri, e).sign()                                         # (B, H, W)
         ftri = verts_clip[:, faces]                                                # (B, F, 3, 4)
-        fdet = (ftri[..., 0, [0, 1, 3]] * _edge_functions(ftri)[..., 0, :]).sum(-1)   # (B, F)
-        nb = face_neighbors(faces)                                                 # (F, 3)
-        nb_det = fdet[:, nb.clamp(min=0)]                                          # (B, F, 3)
-        sil_face = (nb < 0) | ((nb_det > 0) != (fdet[..., None] > 0))              # (B, F, 3)
-        sil = sil_face[torch.arange(B, device=color.device).view(B, 1, 1), tri_id.clamp(min=0)]
-    p = torch.cat([pixel_ndc(H, W, color.device, verts_clip.dtype),
-                   torch.ones(H, W, 1, device=color.device, dtype=verts_clip.dtype)], -1)  # (H, W, 3)
+        facing = _orientation(ftri, _edge_functions(ftri)) > 0                    # (B, F)
+        nb_face = face_neighbors(faces)                                            # (F, 3)
+        sil_face = (nb_face < 0) | (facing[:, nb_face.clamp(min=0)] != facing[..., None])  # (B, F, 3)
+        sil = sil_face[torch.arange(B, device=dev).view(B, 1, 1), tri_id.clamp(min=0)]     # (B, H, W, 3)
+    p = torch.cat([pixel_ndc(H, W, dev, dt), torch.ones(H, W, 1, device=dev, dtype=dt)], -1)
+    d = sign[..., None] * (e * p[:, :, None, :]).sum(-1)                           # (B, H, W, 3) here
+    # neighbours right, left, below, above; their centres are one pixel away in NDC (y points up)
+    step = torch.tensor([[2.0 / W, 0, 0], [-2.0 / W, 0, 0], [0, -2.0 / H, 0], [0, 2.0 / H, 0]],
+                        device=dev, dtype=dt)                                      # (4, 3)
+    d_nb = d + sign[..., None] * (e * step.view(4, 1, 1, 1, 1, 3)).sum(-1)         # (4, B, H, W, 3)
 
-    def blend(sa, sb):
-        """Deltas for the pixel pairs (a, b) = (pixels sa, pixels sb), both slices of (B, H, W)."""
-        ta, tb = tri_id[sa], tri_id[sb]
-        a_front = depth[sa] < depth[sb]
-        front = lambda x, y: torch.where(a_front.view(a_front.shape + (1,) * (x.dim() - 3)), x, y)
-        e_f, s_f, sil_f = front(e[sa], e[sb]), front(sign[sa], sign[sb]), front(sil[sa], sil[sb])
-        pa, pb = p[sa[1:]].expand_as(e_f[..., 0, :]), p[sb[1:]].expand_as(e_f[..., 0, :])
-        p_f, p_o = front(pa, pb), front(pb, pa)                                    # pixel centres
-        other_bg = front(tb, ta) < 0
-        d_f = ((e_f * p_f[..., None, :]).sum(-1) * s_f[..., None]).clamp(min=0)    # (..., 3)
-        d_o = (e_f * p_o[..., None, :]).sum(-1) * s_f[..., None]
-        crossing = d_o < 0
-        denom = torch.where(crossing, d_f - d_o, torch.ones_like(d_o))
-        t = torch.where(crossing, d_f / denom, torch.full_like(d_o, 2.0))           # Eq. A1 per edge
-        t_star, k = t.min(-1)
-        edge_sil = sil_f.gather(-1, k[..., None])[..., 0]
-        pair = (ta != tb) & ((ta >= 0) | (tb >= 0)) & (t_star <= 1.0) & (edge_sil | other_bg)
-        c_f, c_o = front(color[sa], color[sb]), front(color[sb], color[sa])
-        pair, t_star = pair[..., None], t_star[..., None].to(color.dtype)
-        d_front = torch.where(pair & (t_star < 0.5), (0.5 - t_star) * (c_o - c_f), 0.0)
-        d_other = torch.where(pair & (t_star >= 0.5), (t_star - 0.5) * (c_f - c_o), 0.0)
-        return front(d_front, d_other), front(d_other, d_front)
+    def at_nb(x):
+        """x (B, H, W, ...) at the 4 neighbours of each pixel -> (4, B, H, W, ...)."""
+        return torch.stack([x.roll(-1, 2), x.roll(1, 2), x.roll(-1, 1), x.roll(1, 1)])
 
-    all_, head, tail = slice(None), slice(None, -1), slice(1, None)
-    da, db = blend((all_, all_, head), (all_, all_, tail))                         # horizontal pairs
-    out = color + F.pad(da, (0, 0, 0, 1)) + F.pad(db, (0, 0, 1, 0))
-    da, db = blend((all_, head, all_), (all_, tail, all_))                         # vertical pairs
-    return out + F.pad(da, (0, 0, 0, 0, 0, 1)) + F.pad(db, (0, 0, 0, 0, 1, 0))
+    i, j = torch.arange(W, device=dev).expand(H, W), torch.arange(H, device=dev)[:, None].expand(H, W)
+    in_image = torch.stack([i < W - 1, i > 0, j < H - 1, j > 0])[:, None]         # (4, 1, H, W)
+    nb_id = at_nb(tri_id)
+    front = in_image & (depth < at_nb(depth)) & (nb_id != tri_id)                  # (4, B, H, W)
+    crossing = d_nb < 0
+    d_here = d.clamp(min=0)
+    denom = torch.where(crossing, d_here - d_nb, torch.ones_like(d_nb))
+    t = torch.where(crossing, d_here / denom, torch.full_like(d_nb, 2.0))           # Eq. A1 per edge
+    t_star, k = t.min(-1)                                                          # first edge crossed
+    edge_sil = sil.expand(4, -1, -1, -1, -1).gather(-1, k[..., None])[..., 0]
+    blend = (front & (t_star <= 1.0) & (edge_sil | (nb_id < 0)))[..., None]         # (4, B, H, W, 1)
+    t_star = t_star[..., None].to(color.dtype)
+    c_nb = at_nb(color)                                                            # (4, B, H, W, C)
+    to_here = torch.where(blend & (t_star < 0.5), (0.5 - t_star) * (c_nb - color), 0.0).sum(0)
+    to_nb = torch.where(blend & (t_star >= 0.5), (t_star - 0.5) * (color - c_nb), 0.0)
+    back = to_nb[0].roll(1, 2) + to_nb[1].roll(-1, 2) + to_nb[2].roll(1, 1) + to_nb[3].roll(-1, 1)
+    return color + to_here + back
 
 
 def tet_grid(res: int, bbox=((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)), device="cpu"):
@@ -341,7 +351,7 @@ def marching_tets(verts: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor):
 
 def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """(V, 3), (F, 3) -> (F, 3) face normals scaled by twice the face area: (v1 - v0) x (v2 - v0)."""
-    v0, v1, v2 = verts[faces].unbind(1)
+    v0, v1, v2 = verts.index_select(0, faces.flatten()).view(-1, 3, 3).unbind(1)
     return torch.cross(v1 - v0, v2 - v0, dim=-1)
 
 
@@ -366,7 +376,7 @@ def normal_consistency_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     nb = face_neighbors(faces)                                                     # (F, 3)
     f = torch.arange(faces.shape[0], device=faces.device)[:, None].expand_as(nb)
     fn = face_normals(verts, faces)                                                # (F, 3)
-    n, ok = _unit(fn, tiny=1e-6 * float(fn.detach().norm(dim=-1).mean()))         # (F, 3), (F,)
+    n, ok = _unit(fn, tiny=1e-6 * fn.detach().norm(dim=-1).mean())                # (F, 3), (F,)
     pair = (nb > f) & ok[f] & ok[nb.clamp(min=0)]                                  # each pair once
     return (1.0 - (n[f[pair]] * n[nb[pair]]).sum(-1)).mean()
 
