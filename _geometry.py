@@ -52,11 +52,11 @@ def project_to_clip(verts: torch.Tensor, c2w: torch.Tensor, focal, H: int, W: in
 
 
 def pixel_ndc(H: int, W: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """Normalised device coordinates of the pixel centres, (H, W, 2): x from -1 (left) to 1 (right),
-    y from 1 (top row) to -1 (bottom row)."""
+    """Pixel centres in homogeneous normalised device coordinates (x, y, 1), (H, W, 3): x from -1 (left)
+    to 1 (right), y from 1 (top row) to -1 (bottom row)."""
     j, i = torch.meshgrid(torch.arange(H, device=device, dtype=dtype) + 0.5,
                           torch.arange(W, device=device, dtype=dtype) + 0.5, indexing="ij")
-    return torch.stack([2.0 * i / W - 1.0, 1.0 - 2.0 * j / H], dim=-1)
+    return torch.stack([2.0 * i / W - 1.0, 1.0 - 2.0 * j / H, torch.ones_like(i)], dim=-1)
 
 
 def _edge_functions(tri_clip: torch.Tensor) -> torch.Tensor:
@@ -157,19 +157,17 @@ def rasterize(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int) -> 
     u, v are the perspective-correct barycentrics of the triangle's vertices 0 and 1 (vertex 2 gets
     1 - u - v); they and z/w carry gradient to verts_clip (Eq. E1), so interpolate() does too.
     The triangle id is stored as a float: exact up to 2^24 triangles."""
-    B, dt = verts_clip.shape[0], verts_clip.dtype
     with torch.no_grad():
         tri_id = _visible_triangles(verts_clip.detach(), faces, H, W)               # (B, H, W)
     hit = tri_id >= 0
     tri = _gather_triangles(verts_clip, faces, tri_id)                             # (B, H, W, 3, 4)
-    p = torch.cat([pixel_ndc(H, W, verts_clip.device, dt),
-                   torch.ones(H, W, 1, device=verts_clip.device, dtype=dt)], -1)  # (H, W, 3)
+    p = pixel_ndc(H, W, verts_clip.device, verts_clip.dtype)                       # (H, W, 3)
     d = (_edge_functions(tri) * p[:, :, None, :]).sum(-1)                          # (B, H, W, 3)
     dsum = torch.where(hit, d.sum(-1), torch.ones_like(d[..., 0]))                 # guarded: no NaN grads
     lam = d / dsum[..., None]                                                      # Eq. E1 barycentrics
     wsum = torch.where(hit, (lam * tri[..., 3]).sum(-1), torch.ones_like(dsum))
     zndc = (lam * tri[..., 2]).sum(-1) / wsum                                      # clip z / clip w
-    rast = torch.stack([lam[..., 0], lam[..., 1], zndc, (tri_id + 1).to(dt)], dim=-1)
+    rast = torch.stack([lam[..., 0], lam[..., 1], zndc, (tri_id + 1).to(zndc.dtype)], dim=-1)
     return torch.where(hit[..., None], rast, torch.zeros_like(rast))
 
 
@@ -188,8 +186,7 @@ def face_neighbors(faces: torch.Tensor) -> torch.Tensor:
     the face on the other side of that edge, (F, 3) long, -1 on a boundary. Manifold meshes."""
     Fn = faces.shape[0]
     a, b = faces.roll(-1, dims=1), faces.roll(-2, dims=1)                          # (F, 3) edge ends
-    V = int(faces.max()) + 1 if Fn else 1
-    key = (torch.minimum(a, b) * V + torch.maximum(a, b)).flatten()                # (3F,)
+    key = ((torch.minimum(a, b) << 32) | torch.maximum(a, b)).flatten()            # (3F,) edge id
     order = torch.argsort(key)
     ks = key[order]
     same_next = torch.zeros_like(ks, dtype=torch.bool)
@@ -228,7 +225,7 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, verts_clip: torch.Tensor,
         nb_face = face_neighbors(faces)                                            # (F, 3)
         sil_face = (nb_face < 0) | (facing[:, nb_face.clamp(min=0)] != facing[..., None])  # (B, F, 3)
         sil = sil_face[torch.arange(B, device=dev).view(B, 1, 1), tri_id.clamp(min=0)]     # (B, H, W, 3)
-    p = torch.cat([pixel_ndc(H, W, dev, dt), torch.ones(H, W, 1, device=dev, dtype=dt)], -1)
+    p = pixel_ndc(H, W, dev, dt)                                                   # (H, W, 3)
     d = sign[..., None] * (e * p[:, :, None, :]).sum(-1)                           # (B, H, W, 3) here
     # neighbours right, left, below, above; their centres are one pixel away in NDC (y points up)
     step = torch.tensor([[2.0 / W, 0, 0], [-2.0 / W, 0, 0], [0, -2.0 / H, 0], [0, 2.0 / H, 0]],
