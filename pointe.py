@@ -112,12 +112,10 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
-def attention(q, k, v, heads: int) -> torch.Tensor:
-    """Multi-head attention. q (B, T, H*d), k and v (B, S, H*d) -> (B, T, H*d)."""
-    B, T, W = q.shape
-    q, k, v = (a.view(B, a.shape[1], heads, -1).transpose(1, 2) for a in (q, k, v))   # (B, H, *, d)
-    out = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(d)) v
-    return out.transpose(1, 2).reshape(B, T, W)
+def attention(q, k, v) -> torch.Tensor:
+    """Per-head attention softmax(q k^T / sqrt(d)) v. q (B, T, H, d), k and v (B, S, H, d) -> (B, T, H*d)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
 
 
 class SelfAttention(nn.Module):
@@ -130,10 +128,8 @@ class SelfAttention(nn.Module):
         init_linear(self.c_qkv, std), init_linear(self.c_proj, std)
 
     def forward(self, x):
-        B, T, W = x.shape
-        qkv = self.c_qkv(x).view(B, T, self.heads, 3 * (W // self.heads))   # (B, T, H, 3d)
-        q, k, v = (a.reshape(B, T, W) for a in qkv.chunk(3, dim=-1))
-        return self.c_proj(attention(q, k, v, self.heads))
+        q, k, v = self.c_qkv(x).view(*x.shape[:2], self.heads, -1).chunk(3, dim=-1)   # (B, T, H, d) each
+        return self.c_proj(attention(q, k, v))
 
 
 class CrossAttention(nn.Module):
@@ -142,15 +138,14 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, heads: int, std: float):
         super().__init__()
         self.heads = heads
-        self.c_q, self.c_kv, self.c_proj = nn.Linear(width, width), nn.Linear(width, 2 * width), \
-            nn.Linear(width, width)
+        self.c_q, self.c_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.c_proj = nn.Linear(width, width)
         init_linear(self.c_q, std), init_linear(self.c_kv, std), init_linear(self.c_proj, std)
 
     def forward(self, x, data):
-        B, S, W = data.shape
-        kv = self.c_kv(data).view(B, S, self.heads, 2 * (W // self.heads))   # (B, S, H, 2d)
-        k, v = (a.reshape(B, S, W) for a in kv.chunk(2, dim=-1))
-        return self.c_proj(attention(self.c_q(x), k, v, self.heads))
+        q = self.c_q(x).view(*x.shape[:2], self.heads, -1)                           # (B, T, H, d)
+        k, v = self.c_kv(data).view(*data.shape[:2], self.heads, -1).chunk(2, dim=-1)  # (B, S, H, d)
+        return self.c_proj(attention(q, k, v))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -276,9 +271,9 @@ def load_model(name: str, path: str, device="cpu") -> nn.Module:
         raise common.UserError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     clip_dim = state["clip_embed.weight"].shape[1] if "clip_embed.weight" in state else None
-    model = build_model(name, clip_dim)
+    model = build_model(name, clip_dim, device="meta")      # no random init: the weights are assigned
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise common.UserError(f"{path} does not fit config {name}: {str(e).splitlines()[0]}")
     return model.to(device).eval()
@@ -484,14 +479,11 @@ def clip_image_grid(clip, images: torch.Tensor) -> torch.Tensor:
     return out["image_intermediates"][0].float().permute(0, 2, 1)
 
 
+@torch.no_grad()
 def sdf_model_fn(model: PointCloudSDFModel, points: torch.Tensor):
     """SDF of a cloud (N, 3) as a function of queries (Q, 3) -> (Q,); encodes the cloud once."""
-    with torch.no_grad():
-        latents = model.encode(points.T[None])
-    def sdf(q):
-        with torch.no_grad():
-            return model(q.T[None], latents)[0]
-    return sdf
+    latents = model.encode(points.T[None])                                      # (1, N, W)
+    return torch.no_grad()(lambda q: model(q.T[None], latents)[0])
 
 
 def sdf_to_mesh(sdf, grid: int = MESH_GRID, side: float = MESH_SIDE, batch: int = MESH_BATCH,
@@ -639,7 +631,9 @@ def generate(args):
                                    "train --stage all --export data/pointe`" if toy else "download the "
                                    "official checkpoints (openai/point-e) into --weights"))
     base, up, sdf = (load_model(n, p, dev) for n, p in zip(names, paths))
-    clip = common.CLIPPrior(model=args.clip or ("toy" if toy else "ViT-L-14"), device=dev)
+    clip_name = args.clip or ("toy" if toy else "ViT-L-14")
+    clip = common.CLIPPrior(model=clip_name, pretrained="openai" if clip_name == "ViT-L-14" else None,
+                            device=dev)
     B, image, cond = args.batch, None, None
     if names[0] == "base40M-textvec":                                      # text -> CLIP text vector
         cond = clip.encode_text([args.prompt] * B)
@@ -694,7 +688,7 @@ def parse_args(argv):
         p.add_argument("--weights", default="", help="checkpoint folder (toy: data/pointe; official: "
                                                      "point_e_model_cache)")
         p.add_argument("--prior", default="toy", help="text-to-image model (image pipelines)")
-        p.add_argument("--clip", default="", help="CLIP prior (default: toy for toy, else ViT-L-14)")
+        p.add_argument("--clip", default="", help="CLIP prior (default: toy for toy, else ViT-L-14 openai)")
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--steps", type=int, default=SAMPLER["steps"], help="Karras steps per stage")
         p.add_argument("--guidance", type=float, default=SAMPLER["guidance"])
