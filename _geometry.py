@@ -156,7 +156,8 @@ def rasterize(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int) -> 
     project_to_clip) into rast (B, H, W, 4) = (u, v, z/w, triangle id + 1), 0 in all four on background.
     u, v are the perspective-correct barycentrics of the triangle's vertices 0 and 1 (vertex 2 gets
     1 - u - v); they and z/w carry gradient to verts_clip (Eq. E1), so interpolate() does too.
-    The triangle id is stored as a float: exact up to 2^24 triangles."""
+    The triangle id is stored as a float: exact up to 2^24 triangles. A triangle with a vertex behind
+    the camera is skipped whole (no near-plane clipping): keep the near plane in front of the mesh."""
     with torch.no_grad():
         tri_id = _visible_triangles(verts_clip.detach(), faces, H, W)               # (B, H, W)
     hit = tri_id >= 0

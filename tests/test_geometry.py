@@ -192,6 +192,26 @@ def test_antialias_blends_only_silhouettes():
     assert (out[fg] < 1 - 1e-3).any() and (out[~fg] > 1e-3).any()
 
 
+def test_antialias_approaches_supersampled_coverage():
+    """Antialiased silhouette of a white mesh on black against its coverage from an 8x8-supersampled
+    render: it should halve the per-pixel error of the aliased (one sample per pixel) image."""
+    iv, faces = icosahedron()
+    c2w = cameras()
+
+    def raster(h):
+        clip = project_to_clip(iv, c2w, common.focal_from_fov(40.0, h), h, h, NEAR, FAR)
+        return rasterize(clip, faces, h, h), clip
+
+    H = 32
+    rast, clip = raster(H)
+    img = (rast[..., 3:] > 0).double()
+    aa = antialias(img, rast, clip, faces)[..., 0]
+    fine, _ = raster(8 * H)
+    coverage = torch.nn.functional.avg_pool2d((fine[:, None, ..., 3] > 0).double(), 8)[:, 0]
+    err_aliased, err_aa = (img[..., 0] - coverage).abs().mean(), (aa - coverage).abs().mean()
+    assert err_aa < 0.6 * err_aliased
+
+
 def sphere_sdf(points, r):
     return points.norm(dim=-1) - r
 
