@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from _prior_clip import TOY_CLIP, CLIPPrior, check_toy_prompt
+from _prior_clip import CLIPPrior, check_toy_prompt
 
 TINY = {  # a tiny open_clip architecture, for the loading path
     "model_cfg": {
@@ -125,10 +125,6 @@ def test_vocabulary_guard():
         check_toy_prompt("  ", vocab, "--prior")
 
 
-toy_missing = not os.path.isfile(os.path.join(TOY_CLIP["toy"], "open_clip_pytorch_model.bin"))
-
-
-@pytest.mark.skipif(toy_missing, reason="data/toy_clip not trained yet (python toyworld.py train-clip)")
 def test_toy_clip_ranks_the_right_caption_on_held_out_renders():
     import toyworld
     prior = CLIPPrior("toy")
