@@ -126,7 +126,10 @@ class CLIPPrior(nn.Module):
         self.to(device)
         folder = args["model_name"][len("local-dir:"):] if args["model_name"].startswith("local-dir:") else None
         vocab_file = folder and os.path.join(folder, TOY_CLIP_VOCAB_FILE)
-        self.vocab = json.load(open(vocab_file))["vocab"] if vocab_file and os.path.isfile(vocab_file) else None
+        self.vocab = None                                        # a real model takes any prompt
+        if vocab_file and os.path.isfile(vocab_file):
+            with open(vocab_file) as f:
+                self.vocab = json.load(f)["vocab"]
         self.flag = flag
         self._text_cache = {}
 

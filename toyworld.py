@@ -489,7 +489,7 @@ def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, hel
     """Zero-shot top-1 over the 30 captions on n renders (held out: new yaw, light, backgrounds),
     through the same prior interface the method scripts use."""
     from _prior_clip import CLIPPrior
-    prior = CLIPPrior(model, pretrained, device=device)
+    prior = CLIPPrior(model, pretrained, device=device, flag="--model/--pretrained")
     correct = 0
     for i in range(0, n, 500):
         images, idx = random_renders(min(500, n - i), 64, seed=seed + i, device=device, held_out=held_out)
