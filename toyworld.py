@@ -265,7 +265,7 @@ TRAIN_BACKGROUNDS = ("white", "solid", "noise", "checker", "fourier")
 HELD_OUT_BACKGROUNDS = ("gradient", "stripes")
 
 
-def _grid(n, size, device):
+def _grid(size, device):
     """Pixel centres in [0, 1]: x, y each (1, 1, size, size)."""
     c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
     return c[None, None, None, :].expand(1, 1, size, size), c[None, None, :, None].expand(1, 1, size, size)
@@ -289,7 +289,7 @@ def backgrounds(kinds: list, size: int, generator: torch.Generator) -> torch.Ten
     device. Textured kinds are blurred by sigma ~ U(0, 10) pixels at 224 px (Dream Fields)."""
     B, dev = len(kinds), generator.device
     u = lambda *s: torch.rand(*s, generator=generator, device=dev)                  # noqa: E731
-    x, y = _grid(B, size, dev)
+    x, y = _grid(size, dev)
     c0, c1 = u(B, 3, 1, 1), u(B, 3, 1, 1)
     out = {}
     out["white"] = torch.ones(B, 3, size, size, device=dev)
