@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError
+from _prior_clip import check_toy_prompt
 
 TOY_PRIORS = {"toy": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_sd")}
 TOY_VOCAB_FILE = "toy_vocab.json"        # present only in a bundled toy folder: its prompt vocabulary
@@ -134,7 +135,6 @@ class DiffusionPrior:
     def check_prompt(self, prompt: str):
         """A bundled toy prior knows only its own words: anything else is a UserError."""
         if self.toy_vocab is not None:
-            from _prior_clip import check_toy_prompt
             check_toy_prompt(prompt, self.toy_vocab, "--prior")
 
     def prompt_embeddings(self, prompt: str, elevation=None, azimuth=None, batch: int = 1):

@@ -259,6 +259,30 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, capt
     return step
 
 
+@torch.no_grad()
+def evaluate(folder: str, per_caption: int, seed: int, device, clip="toy", samples_png: str = ""):
+    """Sample `per_caption` images of every toy caption (DDIM, 50 steps, guidance 7.5) and return
+    the fraction that the toy CLIP ranks their own caption first among the 30 (Dream Fields'
+    R-precision; None while data/toy_clip is not trained). Optionally write a grid (one row per
+    caption) to samples_png."""
+    import common
+    import toyworld
+    from _prior_clip import TOY_CLIP, CLIPPrior
+    from _prior_diffusion import DiffusionPrior
+    prior = DiffusionPrior(folder, device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    imgs = torch.cat([prior.sample([c] * per_caption, steps=50, guidance=7.5, generator=g)
+                      for c in toyworld.CAPTIONS])                                  # (30 n, 3, H, W)
+    if samples_png:
+        S = imgs.shape[-1]
+        grid = imgs.reshape(len(toyworld.CAPTIONS), per_caption, 3, S, S).permute(0, 3, 1, 4, 2)
+        common.save_image(samples_png, grid.reshape(len(toyworld.CAPTIONS) * S, per_caption * S, 3))
+    if clip == "toy" and not os.path.isdir(TOY_CLIP["toy"]):
+        return None
+    true_idx = torch.arange(len(toyworld.CAPTIONS)).repeat_interleave(per_caption)
+    return CLIPPrior(clip, device=device).r_precision(imgs.float(), toyworld.CAPTIONS, true_idx)
+
+
 def main():
     import toyworld
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,42 +292,41 @@ def main():
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-seconds", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", default="", help="also write a grid of samples (PNG) here")
+    p.add_argument("--eval-only", action="store_true", help="skip training: evaluate --out")
+    p.add_argument("--eval-per-caption", type=int, default=10, help="samples per caption (0: no evaluation)")
+    p.add_argument("--samples", default="", help="also write the evaluation samples as a PNG grid here")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    t0 = time.time()
-    images, captions = toy_sd_renders(args.n, args.size, args.seed, dev)
-    print(f"{len(images)} renders in {time.time() - t0:.0f}s")
-    texts = [f"{c}, {v}" for c in toyworld.CAPTIONS for v in VIEW_SUFFIXES] + [""]
-    tokenizer = build_toy_tokenizer(texts)
-    parts = build_toy_pipeline(tokenizer, seed=args.seed)
-    vae, unet, te = (parts[k].to(dev) for k in ("vae", "unet", "text_encoder"))
-    t0 = time.time()
-    l1 = train_vae(vae, images, args.vae_steps)
-    lat_mean, lat_std = encode_all(vae, images)
-    scale = 1.0 / lat_mean.std().item()                      # unit-variance latents, as SD's 0.18215
-    vae.register_to_config(scaling_factor=scale)
-    print(f"vae: {time.time() - t0:.0f}s, final l1 {l1:.4f}, scaling_factor {scale:.4f}")
-    t0 = time.time()
-    steps = train_unet(unet, te, tokenizer, parts["scheduler"], lat_mean * scale, lat_std * scale,
-                       captions, args.unet_seconds)
-    print(f"unet: {steps} steps in {time.time() - t0:.0f}s")
-    words = sorted({w for c in toyworld.CAPTIONS for w in c.split()} | {w for v in VIEW_SUFFIXES for w in v.split()})
-    save_pipeline(parts, args.out, words)
-    print(f"saved {args.out}")
-    if args.samples:
-        import common
-        from _prior_diffusion import DiffusionPrior
-        prior = DiffusionPrior(args.out, device=dev)
-        g = torch.Generator(dev).manual_seed(args.seed)
-        imgs = []
-        for c in toyworld.CAPTIONS:
-            prior.toy_vocab = None          # the vocabulary guard is tested elsewhere
-            imgs.append(prior.sample([c] * 4, steps=50, guidance=7.5, generator=g))
-        grid = torch.cat(imgs).reshape(30, 4, 3, args.size, args.size).permute(0, 3, 1, 4, 2)
-        common.save_image(args.samples, grid.reshape(30 * args.size, 4 * args.size, 3))
-        print(f"samples -> {args.samples}")
+    if not args.eval_only:
+        t0 = time.time()
+        images, captions = toy_sd_renders(args.n, args.size, args.seed, dev)
+        print(f"{len(images)} renders in {time.time() - t0:.0f}s")
+        texts = [f"{c}, {v}" for c in toyworld.CAPTIONS for v in VIEW_SUFFIXES] + [""]
+        tokenizer = build_toy_tokenizer(texts)
+        parts = build_toy_pipeline(tokenizer, seed=args.seed)
+        vae, unet, te = (parts[k].to(dev) for k in ("vae", "unet", "text_encoder"))
+        t0 = time.time()
+        l1 = train_vae(vae, images, args.vae_steps)
+        lat_mean, lat_std = encode_all(vae, images)
+        scale = 1.0 / lat_mean.std().item()                  # unit-variance latents, as SD's 0.18215
+        vae.register_to_config(scaling_factor=scale)
+        print(f"vae: {time.time() - t0:.0f}s, final l1 {l1:.4f}, scaling_factor {scale:.4f}")
+        t0 = time.time()
+        steps = train_unet(unet, te, tokenizer, parts["scheduler"], lat_mean * scale, lat_std * scale,
+                           captions, args.unet_seconds)
+        print(f"unet: {steps} steps in {time.time() - t0:.0f}s")
+        # the prompt guard's vocabulary: the caption words (the view suffixes are the prior's own)
+        save_pipeline(parts, args.out, [w for c in toyworld.CAPTIONS for w in c.split()])
+        print(f"saved {args.out}")
+    if args.eval_per_caption:
+        t0 = time.time()
+        r = evaluate(args.out, args.eval_per_caption, args.seed, dev, samples_png=args.samples)
+        if r is None:
+            print("no toy CLIP in data/toy_clip yet: recognition not measured")
+            return
+        print(f"toy CLIP recognises {100 * r:.1f}% of {args.eval_per_caption} samples per caption "
+              f"(50 DDIM steps, guidance 7.5), {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def latent_folder(tmp_path_factory):
     parts = build_toy_pipeline(build_toy_tokenizer(TEXTS + [""]), unet_channels=(32, 32, 32),
                                vae_channels=(16, 16, 16), seed=0)
     folder = str(tmp_path_factory.mktemp("latent"))
-    save_pipeline(parts, folder)        # weights go through fp16, so `parts` are rounded in place
+    save_pipeline(parts, folder, vocab_words=["a", "red", "cube"])   # as a bundled toy folder
+    # (the weights go through fp16, so `parts` are rounded in place)
     return folder, parts
 
 
@@ -217,3 +218,21 @@ def test_empty_tokenizer_is_one_clear_error(latent_folder, tmp_path):
         os.remove(os.path.join(folder, "tokenizer", f))
     with pytest.raises(common.UserError, match="tokenizer .* is empty"):
         DiffusionPrior(folder)
+
+
+def test_toy_tokenizer_matches_open_clip_bpe(latent_folder):
+    """The reduced BPE tokenises its texts exactly as open_clip's full tokenizer does."""
+    from open_clip.tokenizer import SimpleTokenizer
+    prior = DiffusionPrior(latent_folder[0])
+    full = SimpleTokenizer()
+    for text in TEXTS + ["a cube, red"]:
+        ours = prior.tokenizer.convert_ids_to_tokens(prior.tokenizer(text).input_ids)
+        assert ours == ["<|startoftext|>"] + [full.decoder[i] for i in full.encode(text)] + ["<|endoftext|>"]
+
+
+def test_toy_vocabulary_guard(latent_folder):
+    prior = DiffusionPrior(latent_folder[0])
+    with pytest.raises(common.UserError, match="hamburger.*--prior"):
+        prior.sds_loss(torch.rand(1, 3, 64, 64), "a red hamburger", 0.0, 0.0)
+    with pytest.raises(common.UserError, match="--prior"):
+        prior.sample("a blue cube", steps=1)
