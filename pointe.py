@@ -28,8 +28,9 @@ DEVIATION: on CUDA the two diffusion models run under bf16 autocast by default (
 DEVIATION: the SDF is taken as positive inside: the official code flips scikit-image's triangles,
   which gives outward normals only for that sign (the released code has no SDF training recipe;
   the toy SDF model is trained by mean squared error).
-DEVIATION: the toy models are much smaller (256 + 768 points, widths 256/128) so that they train
-  in minutes and sample on a CPU; the toy image prior is the project's tiny diffusion prior.
+DEVIATION: the toy models are much smaller (256 + 768 points, widths 192/128, 1-2M parameters)
+  so that they train in minutes and sample on a CPU; the toy image prior is the project's tiny
+  diffusion prior and the toy CLIP stands in for ViT-L/14.
 """
 import argparse
 import math
@@ -59,11 +60,11 @@ MODEL_CONFIGS = {
     "sdf": dict(kind="sdf", width=256, n_ctx=4096, encoder_layers=8, encoder_heads=4,
                 decoder_layers=4, decoder_heads=4),
     # toy: clip_dim of toy-base is filled in from the CLIP prior at build time
-    "toy-base": dict(kind="points", width=256, layers=6, heads=4, n_ctx=256, schedule="cosine",
+    "toy-base": dict(kind="points", width=192, layers=4, heads=4, n_ctx=256, schedule="cosine",
                      cond="vec", clip_dim=None),
-    "toy-upsample": dict(kind="points", width=256, layers=6, heads=4, n_ctx=768, cond_ctx=256,
+    "toy-upsample": dict(kind="points", width=192, layers=4, heads=4, n_ctx=768, cond_ctx=256,
                          schedule="linear", cond=None),
-    "toy-sdf": dict(kind="sdf", width=128, n_ctx=1024, encoder_layers=4, encoder_heads=4,
+    "toy-sdf": dict(kind="sdf", width=128, n_ctx=1024, encoder_layers=3, encoder_heads=4,
                     decoder_layers=2, decoder_heads=4),
 }
 CHECKPOINT_FILES = {"base40M-imagevec": "base_40m_imagevec.pt", "base40M-textvec": "base_40m_textvec.pt",
