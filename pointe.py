@@ -277,7 +277,7 @@ def load_model(name: str, path: str, device="cpu") -> nn.Module:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise common.UserError(f"{path} does not fit config {name}: {str(e).splitlines()[0]}")
-    return model.to(device).eval()
+    return model.float().to(device).eval()
 
 # ================================================================================================
 # Gaussian diffusion: schedules, q(x_t | x_0), learned-range variance, training loss

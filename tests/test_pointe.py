@@ -84,6 +84,19 @@ def test_official_configs_names_shapes_counts(name):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
+@pytest.mark.parametrize("name", ["upsample", "sdf"])
+def test_official_layout_checkpoint_loads_strictly(name, tmp_path):
+    """A state dict laid out as the official file (reference names/shapes) loads with strict=True
+    and every tensor lands where its name says."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) for k, shape in OFFICIAL[name][0].items()}
+    path = str(tmp_path / pointe.CHECKPOINT_FILES[name])
+    torch.save(state, path)
+    model = pointe.load_model(name, path)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) and got[k].dtype == torch.float32 for k, v in state.items())
+
+
 def test_upsample_buffers_and_strict_roundtrip(tmp_path, monkeypatch):
     small = dict(kind="points", width=32, layers=1, heads=2, schedule="cosine")
     monkeypatch.setitem(pointe.MODEL_CONFIGS, "toy-base", dict(small, n_ctx=64, cond="vec", clip_dim=None))
