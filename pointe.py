@@ -310,7 +310,7 @@ class GaussianDiffusion:
         self.T = steps
         ab = self.alphas_cumprod = torch.cumprod(1.0 - b, 0)                        # alpha_bar_t
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        # posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t),  beta~_t = beta_t (1 - ab_prev) / (1 - ab)
+        # posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t), beta~_t = beta_t (1-ab_prev) / (1-ab)
         self.posterior_variance = b * (1 - ab_prev) / (1 - ab)
         pv = self.posterior_variance
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))  # beta~_0 = 0
@@ -352,8 +352,9 @@ class GaussianDiffusion:
             self.posterior_log_variance_clipped, t)
 
     def training_losses(self, model, x0_data, t, **cond) -> dict:
-        """L_simple on epsilon + L_vb for the variance only (the mean is detached in L_vb, as in
-        Improved DDPM's hybrid loss with lambda = 1). x0_data (B, 6, N) in data units; t (B,).
+        """Improved DDPM's hybrid loss (Eq. 16): L_simple on epsilon + the t-th variational-bound
+        term, which trains only the variance (the mean is detached in it); the official weight is
+        1 per term, i.e. lambda = 1/T on the whole bound. x0_data (B, 6, N) in data units; t (B,).
         Returns per-sample (B,) tensors: loss, mse, vb (bits per dimension)."""
         x0 = self.scale(x0_data)
         noise = torch.randn_like(x0)
@@ -551,6 +552,7 @@ def train_stage(stage: str, args, run: common.RunDir, dev: torch.device, clip_pr
     g = torch.Generator().manual_seed(args.seed)
     if stage == "base":          # a pool of renders and their CLIP image embeddings (fixed)
         images, captions = toyworld.random_renders(args.pool, args.render_size, args.seed, device=dev)
+        captions = captions.cpu()
         with torch.no_grad():
             emb = torch.cat([clip_prior.encode_image(im) for im in images.split(256)])
         model = build_model("toy-base", clip_dim=emb.shape[1], device=dev)
@@ -571,19 +573,20 @@ def train_stage(stage: str, args, run: common.RunDir, dev: torch.device, clip_pr
             group["lr"] = args.lr * min(1.0, (step + 1) / 200)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             t = torch.randint(0, TIMESTEPS, (B,), generator=g).to(dev)
-            if stage == "base":
-                pick = torch.randint(0, len(emb), (B,), generator=g)
-                keep = (torch.rand(B, generator=g) >= COND_DROP).float().to(dev)[:, None]
-                x0 = toy_clouds(captions[pick.to(captions.device)], n, g).to(dev)
-                loss = diffusion.training_losses(model, x0, t, clip=emb[pick.to(dev)] * keep)["loss"].mean()
-            elif stage == "upsample":
-                m = model.cfg["cond_ctx"]
-                pts = toy_clouds(torch.randint(0, 30, (B,), generator=g), m + n, g).to(dev)
-                loss = diffusion.training_losses(model, pts[:, :, m:], t, low_res=pts[:, :, :m])["loss"].mean()
-            else:
+            if stage == "sdf":
                 cloud, q, target = (a.to(dev) for a in toy_sdf_batch(
-                    torch.randint(0, 5, (B,), generator=g), n, args.queries, g))
+                    torch.randint(0, len(toyworld.SHAPES), (B,), generator=g), n, args.queries, g))
                 loss = F.mse_loss(model(q, model.encode(cloud)).float(), target)
+            else:
+                if stage == "base":
+                    pick = torch.randint(0, len(emb), (B,), generator=g)
+                    keep = (torch.rand(B, generator=g) >= COND_DROP).float()[:, None]   # CFG dropout
+                    x0, cond = toy_clouds(captions[pick], n, g), {"clip": emb[pick.to(dev)] * keep.to(dev)}
+                else:                          # upsample: a random split of one cloud into 256 + 768
+                    m = model.cfg["cond_ctx"]
+                    pts = toy_clouds(torch.randint(0, len(toyworld.CAPTIONS), (B,), generator=g), m + n, g)
+                    x0, cond = pts[:, :, m:], {"low_res": pts[:, :, :m].to(dev)}
+                loss = diffusion.training_losses(model, x0.to(dev), t, **cond)["loss"].mean()
         common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
