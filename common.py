@@ -126,10 +126,12 @@ def _json_default(o):
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     d, base = os.path.split(path)
+    os.makedirs(d or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + base + ".", suffix=os.path.splitext(base)[1], dir=d or ".")
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -190,8 +192,7 @@ def save_video(path: str, frames, fps: int = 24):
         if ext == ".gif":
             iio2.mimsave(tmp, frames, format="GIF", duration=1000 / fps, loop=0)
         else:
-            iio2.mimsave(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=1,
-                         output_params=["-pix_fmt", "yuv420p"])
+            iio2.mimsave(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=1)
 
 
 def save_ply(path: str, points, colors=None, faces=None):
@@ -327,3 +328,327 @@ def get_ray_batch(c2w: torch.Tensor, H: int, W: int, focal, n: int, img_idx=None
     rays_d = (R @ d_cam[..., None])[..., 0]
     rays_o = c2w[img_idx, :3, 3]
     return rays_o, rays_d, (img_idx, row, col)
+
+
+# ================================================================================================
+# 3. Data: Blender-format scenes (nerf_synthetic: transforms_{train,val,test}.json + RGBA PNGs)
+# ================================================================================================
+
+
+def load_blender(root: str, split: str, half_res: bool = False, white_bkgd: bool = True,
+                 max_images: int = 0) -> dict:
+    """Load one split of a Blender-format scene.
+
+    Returns dict: images (N, H, W, 3) float32 in [0, 1] (composited over white if white_bkgd,
+    else premultiplied over black), poses (N, 4, 4) c2w, H, W, focal (pixels), near 2, far 6.
+    focal = 0.5 W / tan(0.5 camera_angle_x); half_res averages 2x2 pixels and halves the focal.
+    Missing or malformed files raise UserError."""
+    import imageio.v3 as iio
+    path = os.path.join(root, f"transforms_{split}.json")
+    if not os.path.isdir(root):
+        raise UserError(f"scene folder not found: {root}")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: a Blender-format scene has transforms_{{train,val,test}}.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        angle = float(meta["camera_angle_x"])
+        frames = meta["frames"]
+        files = [os.path.join(root, fr["file_path"]) for fr in frames]
+        poses = np.array([fr["transform_matrix"] for fr in frames], dtype=np.float32)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is malformed ({type(e).__name__}: {e})")
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(frames) == 0:
+        raise UserError(f"{path}: expected a non-empty list of 4x4 transform_matrix entries")
+    if max_images:
+        files, poses = files[:max_images], poses[:max_images]
+    imgs = []
+    for fp in files:
+        fp = fp if os.path.splitext(fp)[1] else fp + ".png"
+        if not os.path.exists(fp):
+            raise UserError(f"image listed in {path} not found: {fp}")
+        im = iio.imread(fp).astype(np.float32) / 255.0                      # (H, W, 4)
+        if im.ndim != 3 or im.shape[2] not in (3, 4):
+            raise UserError(f"{fp}: expected an RGB or RGBA image")
+        if im.shape[2] == 3:
+            im = np.concatenate([im, np.ones_like(im[..., :1])], -1)
+        if half_res:  # 2x2 area average on premultiplied colour
+            h, w = im.shape[0] // 2 * 2, im.shape[1] // 2 * 2
+            pm = np.concatenate([im[:h, :w, :3] * im[:h, :w, 3:], im[:h, :w, 3:]], -1)
+            pm = pm.reshape(h // 2, 2, w // 2, 2, 4).mean((1, 3))
+            im = np.concatenate([pm[..., :3] / np.maximum(pm[..., 3:], 1e-8), pm[..., 3:]], -1)
+        rgb, a = im[..., :3], im[..., 3:]
+        imgs.append(rgb * a + (1.0 - a) if white_bkgd else rgb * a)
+    images = torch.from_numpy(np.stack(imgs))
+    H, W = images.shape[1:3]
+    shapes = {im.shape for im in imgs}
+    if len(shapes) != 1:
+        raise UserError(f"{root}: images of split {split} differ in size: {shapes}")
+    return {"images": images, "poses": torch.from_numpy(poses), "H": H, "W": W,
+            "focal": 0.5 * W / math.tan(0.5 * angle), "near": 2.0, "far": 6.0}
+
+
+# ================================================================================================
+# 4. Encodings
+# ================================================================================================
+
+
+def positional_encoding(x: torch.Tensor, n_freqs: int, include_input: bool = True) -> torch.Tensor:
+    """NeRF Eq. 4: gamma(p) = (p, sin(2^k p), cos(2^k p)) for k = 0..L-1 (no pi factor, as the
+    official code). x (..., C) -> (..., C (2 L + 1)) with include_input."""
+    freqs = 2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)     # (L,)
+    xf = (x[..., None, :] * freqs[:, None]).flatten(-2)                       # (..., L C)
+    out = [torch.sin(xf), torch.cos(xf)]
+    return torch.cat(([x] if include_input else []) + out, dim=-1)
+
+
+def sh_encoding(d: torch.Tensor) -> torch.Tensor:
+    """Real spherical harmonics of degree 4 (bands 0..3, 16 values) of unit directions (..., 3)."""
+    x, y, z = d.unbind(-1)
+    xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+    return torch.stack([
+        torch.full_like(x, 0.28209479177387814),
+        -0.4886025119029199 * y, 0.4886025119029199 * z, -0.4886025119029199 * x,
+        1.0925484305920792 * xy, -1.0925484305920792 * yz, 0.31539156525252005 * (2 * zz - xx - yy),
+        -1.0925484305920792 * xz, 0.5462742152960396 * (xx - yy),
+        -0.5900435899266435 * y * (3 * xx - yy), 2.890611442640554 * xy * z,
+        -0.4570457994644658 * y * (4 * zz - xx - yy), 0.3731763325901154 * z * (2 * zz - 3 * xx - 3 * yy),
+        -0.4570457994644658 * x * (4 * zz - xx - yy), 1.445305721320277 * z * (xx - yy),
+        -0.5900435899266435 * x * (xx - 3 * yy)], dim=-1)
+
+
+HASH_PRIMES = (1, 2654435761, 805459861)   # Instant-NGP's spatial hash: XOR_i x_i * pi_i mod T
+
+
+class HashGrid(nn.Module):
+    """Multiresolution hash encoding (Instant-NGP, Sec. 3), in plain PyTorch.
+
+    Level l has resolution N_l = floor(N_min * b^l), b = exp((ln N_max - ln N_min) / (L - 1)),
+    and (N_l + 1)^3 grid vertices. A level whose vertices fit in the table size T is indexed
+    densely (x + y (N_l+1) + z (N_l+1)^2); finer levels are hashed (NGP Eq. 4). All levels live
+    in one parameter table (sum of level sizes, F), initialised U(-1e-4, 1e-4). The 8 corners of
+    a cell are formed by broadcasting per-axis terms (N, L, 2) against each other, so the work is
+    a handful of tensor ops over (points, levels, 8) that torch.compile can fuse.
+    """
+
+    def __init__(self, n_levels=16, n_features=2, log2_table=19, base_res=16, max_res=2048):
+        super().__init__()
+        T = 2 ** log2_table
+        b = math.exp((math.log(max_res) - math.log(base_res)) / max(n_levels - 1, 1))
+        res = [int(math.floor(base_res * b ** l)) for l in range(n_levels)]
+        sizes = [min(T, (r + 1) ** 3) for r in res]
+        self.n_levels, self.n_features, self.table_size = n_levels, n_features, T
+        self.n_dense = sum((r + 1) ** 3 <= T for r in res)                 # coarse levels come first
+        self.out_dim = n_levels * n_features
+        self.register_buffer("res", torch.tensor(res, dtype=torch.float32), persistent=False)
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)
+        self.table = nn.Parameter(torch.empty(sum(sizes), n_features).uniform_(-1e-4, 1e-4))
+
+    def corner_rows(self, lo: torch.Tensor) -> torch.Tensor:
+        """Lower cell corners (N, L, 3) int64 -> table rows of the 8 corners (N, L, 2, 2, 2)."""
+        c = torch.stack([lo, lo + 1], -1)                                  # (N, L, 3, 2): x_i, x_i + 1
+        x, y, z = c[:, :, 0, :, None, None], c[:, :, 1, None, :, None], c[:, :, 2, None, None, :]
+        nd = self.n_dense
+        r1 = (self.res[:nd].long() + 1)[:, None, None, None]               # dense: x + y r1 + z r1^2
+        dense = x[:, :nd] + y[:, :nd] * r1 + z[:, :nd] * r1 * r1
+        hashed = ((x[:, nd:] * HASH_PRIMES[0]) ^ (y[:, nd:] * HASH_PRIMES[1])
+                  ^ (z[:, nd:] * HASH_PRIMES[2])) & (self.table_size - 1)  # NGP Eq. 4
+        return torch.cat([dense, hashed], 1) + self.offsets[:, None, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 3) in [0, 1]^3 -> features (N, L * F), trilinearly interpolated per level."""
+        pos = x.float()[:, None, :].clamp(0, 1) * self.res[None, :, None]          # (N, L, 3)
+        lo = pos.floor().clamp(max=(self.res - 1)[None, :, None])
+        frac = pos - lo
+        w1 = torch.stack([1 - frac, frac], -1)                                     # (N, L, 3, 2)
+        w = w1[:, :, 0, :, None, None] * w1[:, :, 1, None, :, None] * w1[:, :, 2, None, None, :]
+        rows = self.corner_rows(lo.long())                                         # (N, L, 2, 2, 2)
+        # index_select: its backward (index_add) is deterministic on the CPU, unlike table[rows]
+        feats = self.table.index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (N, L, 2, 2, 2, F)
+        return (feats * w[..., None]).sum((2, 3, 4)).flatten(1)                   # (N, L F)
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp with a clamped gradient (Instant-NGP's density activation): stable for large inputs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.exp(x.clamp(max=15))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+# ================================================================================================
+# 5. Volume rendering
+# ================================================================================================
+
+
+def stratified_samples(near, far, n_rays: int, n_samples: int, perturb: bool, device="cpu"):
+    """NeRF Eq. 2: n_samples depths per ray, one uniform draw in each of n equal bins
+    (bin midpoints when perturb is False). Returns t (n_rays, n_samples)."""
+    edges = torch.linspace(0, 1, n_samples + 1, device=device)
+    u = torch.rand(n_rays, n_samples, device=device) if perturb else torch.full((n_rays, n_samples), 0.5, device=device)
+    frac = edges[:-1] + (edges[1:] - edges[:-1]) * u
+    return near + (far - near) * frac
+
+
+def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n: int, deterministic: bool = False):
+    """Hierarchical sampling (NeRF Sec. 5.2): inverse-CDF samples of the piecewise-constant pdf
+    given by `weights` (R, B) over intervals with edges `bins` (R, B + 1). Returns (R, n)."""
+    w = weights + 1e-5                                                      # no zero-probability bin
+    pdf = w / w.sum(-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)     # (R, B + 1)
+    if deterministic:
+        u = torch.linspace(0, 1, n, device=bins.device).expand(bins.shape[0], n).contiguous()
+    else:
+        u = torch.rand(bins.shape[0], n, device=bins.device)
+    idx = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)
+    c0, c1 = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
+    b0, b1 = bins.gather(-1, idx - 1), bins.gather(-1, idx)
+    frac = (u - c0) / (c1 - c0).clamp(min=1e-8)
+    return b0 + frac * (b1 - b0)
+
+
+def composite(sigma: torch.Tensor, rgb: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor = None,
+              background=None) -> dict:
+    """NeRF Eq. 3: alpha_i = 1 - exp(-sigma_i delta_i), T_i = prod_{j<i} (1 - alpha_j),
+    w_i = T_i alpha_i, C = sum_i w_i c_i + (1 - sum_i w_i) * background.
+
+    sigma, deltas (R, S); rgb (R, S, 3); t (R, S) for the depth; background (R, 3), (3,) or None.
+    Returns rgb (R, 3), depth (R,), opacity (R,), weights (R, S), transmittance (R, S)."""
+    tau = sigma * deltas                                                      # optical thickness
+    alpha = 1.0 - torch.exp(-tau)
+    # exclusive cumulative sum: T_i = exp(-sum_{j<i} tau_j), computed in log space for stability
+    trans = torch.exp(-torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1]], -1).cumsum(-1))
+    weights = trans * alpha                                                   # (R, S)
+    opacity = weights.sum(-1)
+    out = {"rgb": (weights[..., None] * rgb).sum(-2), "opacity": opacity, "weights": weights,
+           "transmittance": trans}
+    if t is not None:
+        out["depth"] = (weights * t).sum(-1)
+    if background is not None:
+        out["rgb"] = out["rgb"] + (1.0 - opacity)[:, None] * background
+    return out
+
+
+def deltas_from_t(t: torch.Tensor, rays_d: torch.Tensor, last: float = 1e10) -> torch.Tensor:
+    """Distances between consecutive samples (R, S), in world units (scaled by |d|); the last
+    interval is `last` (1e10 in NeRF: the final sample absorbs what is left)."""
+    d = torch.cat([t[:, 1:] - t[:, :-1], torch.full_like(t[:, :1], last)], -1)
+    return d * rays_d.norm(dim=-1, keepdim=True)
+
+
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, aabb: torch.Tensor):
+    """Slab test against the box aabb (2, 3). Returns t_near, t_far (R,) (t_far < t_near: a miss)."""
+    inv = 1.0 / torch.where(rays_d.abs() < 1e-9, torch.full_like(rays_d, 1e-9), rays_d)
+    t0, t1 = (aabb[0] - rays_o) * inv, (aabb[1] - rays_o) * inv
+    return torch.minimum(t0, t1).amax(-1), torch.maximum(t0, t1).amin(-1)
+
+
+class OccupancyGrid(nn.Module):
+    """Instant-NGP's occupancy grid (Sec. 4, "accelerated ray marching"): a res^3 grid over the
+    aabb holding an exponential moving maximum of the density; samples in cells whose value is
+    below min(threshold, mean) are skipped. The mask is dilated by one cell, so a cell that
+    touches density seen in a neighbouring cell is never skipped."""
+
+    def __init__(self, aabb, res: int = 128, decay: float = 0.95, threshold: float = 0.01):
+        super().__init__()
+        self.res, self.decay, self.threshold = res, decay, threshold
+        self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32))
+        self.register_buffer("density", torch.zeros(res, res, res))
+        self.register_buffer("mask", torch.ones(res, res, res, dtype=torch.bool))
+
+    def cell_centres(self, jitter: bool) -> torch.Tensor:
+        r = self.res
+        idx = torch.stack(torch.meshgrid(*[torch.arange(r, device=self.aabb.device)] * 3, indexing="ij"), -1)
+        u = (idx.float() + (torch.rand_like(idx.float()) if jitter else 0.5)) / r     # (r, r, r, 3)
+        return self.aabb[0] + u * (self.aabb[1] - self.aabb[0])
+
+    @torch.no_grad()
+    def update(self, density_fn, chunk: int = 2 ** 20):
+        """density <- max(decay * density, sigma(random point in each cell)); refresh the mask."""
+        x = self.cell_centres(jitter=True).reshape(-1, 3)
+        sigma = torch.cat([density_fn(x[i:i + chunk]).float().reshape(-1) for i in range(0, len(x), chunk)])
+        self.density = torch.maximum(self.density * self.decay, sigma.reshape(self.density.shape))
+        occupied = self.density > min(self.threshold, self.density.mean().item())
+        self.mask = F.max_pool3d(occupied[None, None].float(), 3, 1, 1)[0, 0] > 0
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Points (..., 3) -> bool (...): inside the aabb and in an occupied cell."""
+        u = (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        inside = ((u >= 0) & (u < 1)).all(-1)
+        ijk = (u * self.res).long().clamp(0, self.res - 1)
+        return inside & self.mask[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
+
+
+def render_rays(field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor,
+                deltas: torch.Tensor, mask: torch.Tensor = None, background=None) -> dict:
+    """Evaluate `field(x (N, 3), d (N, 3)) -> (sigma (N,), rgb (N, 3))` at the samples
+    o + t d (R, S) and composite them. With a boolean `mask` (R, S) only the masked samples are
+    evaluated (empty space skipping); the others have zero density. Returns composite()'s dict."""
+    R, S = t.shape
+    pts = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]              # (R, S, 3)
+    dirs = F.normalize(rays_d, dim=-1)[:, None, :].expand(R, S, 3)
+    if mask is None:
+        sigma, rgb = field(pts.reshape(-1, 3), dirs.reshape(-1, 3))
+        sigma, rgb = sigma.reshape(R, S), rgb.reshape(R, S, 3)
+    else:
+        s, c = field(pts[mask], dirs[mask])
+        sigma = torch.zeros(R, S, device=t.device, dtype=s.dtype).masked_scatter(mask, s)
+        rgb = torch.zeros(R, S, 3, device=t.device, dtype=c.dtype).masked_scatter(mask[..., None].expand(R, S, 3), c)
+    return composite(sigma, rgb, deltas, t, background)
+
+
+# ================================================================================================
+# 6. Geometry
+# ================================================================================================
+
+
+@torch.no_grad()
+def grid_points(aabb, res: int) -> torch.Tensor:
+    """Vertices of a res^3 lattice spanning the box aabb (2, 3): (res, res, res, 3), index ijk."""
+    aabb = torch.as_tensor(aabb, dtype=torch.float32)
+    axes = [torch.linspace(float(aabb[0, i]), float(aabb[1, i]), res) for i in range(3)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+
+
+@torch.no_grad()
+def marching_cubes(values: torch.Tensor, level: float, aabb):
+    """Iso-surface of a scalar field sampled on grid_points(aabb, res): values (res, res, res).
+    Returns verts (V, 3) in world units and faces (F, 3) (scikit-image's Lewiner marching cubes),
+    or empty tensors when the level is not crossed. Faces are oriented towards lower values."""
+    from skimage import measure
+    v = values.detach().float().cpu().numpy()
+    if not (v.min() < level < v.max()):
+        return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
+    aabb = torch.as_tensor(aabb, dtype=torch.float32)
+    spacing = ((aabb[1] - aabb[0]) / (v.shape[0] - 1)).tolist()
+    verts, faces, _, _ = measure.marching_cubes(v, level=level, spacing=spacing)
+    return torch.from_numpy(verts.copy()).float() + aabb[0], torch.from_numpy(faces.copy()).long()
+
+
+# ================================================================================================
+# 7. Metrics
+# ================================================================================================
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of images in [0, 1]: -10 log10(MSE)."""
+    return float(-10.0 * torch.log10(F.mse_loss(pred.float(), target.float())))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Structural similarity (scikit-image, Gaussian window as in the NeRF evaluations) of two
+    (H, W, 3) images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+    a, b = (x.detach().float().cpu().numpy() for x in (pred, target))
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False))
