@@ -418,8 +418,9 @@ def guided(denoise, scale: float):
 @torch.no_grad()
 def heun_sample(denoise, x, sigmas: torch.Tensor, s_churn: float = 0.0) -> torch.Tensor:
     """Karras et al. Algorithm 2 with s_tmin = 0, s_tmax = inf, s_noise = 1. x starts at
-    sigmas[0] noise. gamma = min(s_churn / n, sqrt(2) - 1); sigma^ = sigma (1 + gamma) gets
-    sqrt(sigma^2 - sigma^2) fresh noise; Heun (2nd order) step, Euler on the last step to 0."""
+    sigmas[0] noise. gamma = min(s_churn / n, sqrt(2) - 1); x at sigma_hat = sigma (1 + gamma)
+    gets sqrt(sigma_hat^2 - sigma^2) fresh noise; a Heun (2nd order) step follows, Euler on the
+    last step to sigma = 0."""
     n = len(sigmas) - 1
     gamma = min(s_churn / n, 2 ** 0.5 - 1)
     for i in range(n):
@@ -428,9 +429,9 @@ def heun_sample(denoise, x, sigmas: torch.Tensor, s_churn: float = 0.0) -> torch
         s_hat = s * (1 + gamma)
         if gamma > 0:
             x = x + noise * math.sqrt(s_hat ** 2 - s ** 2)
-        d = (x - denoise(x, s_hat)) / s_hat                               # dx/dsigma (Eq. 4)
+        d = (x - denoise(x, s_hat)) / s_hat                    # dx/dsigma (Algorithm 2, line 7)
         x_next = x + d * (s_next - s_hat)
-        if s_next > 0:                                                    # Heun correction
+        if s_next > 0:                                         # Heun correction (lines 9-11)
             d_next = (x_next - denoise(x_next, s_next)) / s_next
             x_next = x + (d + d_next) / 2 * (s_next - s_hat)
         x = x_next
