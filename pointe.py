@@ -14,7 +14,7 @@ Run:
   python pointe.py --prompt "a red chair" --base base40M-textvec --weights point_e_model_cache
   python pointe.py train --stage all --steps 3000           # train the toy models on the toy world
 Outputs go to out/pointe/<name>/: image.png, points.ply (4096 coloured points; toy 1024), mesh.ply,
-mesh.obj (vertex colours). The toy run takes about 20 s on a CPU.
+mesh.obj (vertex colours). The toy point and mesh stages take about 20 s on a 2-core CPU.
 
 The model classes load the official checkpoints (openai/point-e: base_40m_textvec.pt, base_40m.pt,
 base_300m.pt, base_1b.pt, upsample_40m.pt, sdf.pt) with load_state_dict(strict=True). CLIP is not
