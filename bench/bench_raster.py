@@ -1,4 +1,4 @@
-"""Benchmark of the PyTorch rasteriser and marching tetrahedra (_geometry.py) at Magic3D's fine-stage
+"""Benchmark of the PyTorch rasteriser and marching tetrahedra (common.py) at Magic3D's fine-stage
 sizes: 512 x 512 images, ~200k triangles, a tet grid of resolution 128. Prints a markdown table.
     python bench/bench_raster.py            (needs a CUDA GPU)"""
 import math
@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from _geometry import (antialias, interpolate, marching_tets, project_to_clip, rasterize, tet_grid,  # noqa: E402
+from common import (antialias, interpolate, marching_tets, project_to_clip, rasterize, tet_grid,  # noqa: E402
                        vertex_normals, normal_consistency_loss)
 
 

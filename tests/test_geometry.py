@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from _geometry import (antialias, face_neighbors, interpolate, laplacian_loss, marching_tets,  # noqa: E402
+from common import (antialias, face_neighbors, interpolate, laplacian_loss, marching_tets,  # noqa: E402
                        normal_consistency_loss, project_to_clip, rasterize, tet_grid, vertex_normals,
                        _visible_triangles)
 
