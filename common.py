@@ -578,6 +578,8 @@ class OccupancyGrid(nn.Module):
         """density <- max(decay * density, sigma(random point in each cell)); refresh the mask."""
         x = self.cell_centres(jitter=True).reshape(-1, 3)
         sigma = torch.cat([density_fn(x[i:i + chunk]).float().reshape(-1) for i in range(0, len(x), chunk)])
+        if not torch.isfinite(sigma).all():   # NaN would silently read as empty space
+            raise UserError("the field's density became non-finite (NaN/inf); lower the learning rate (--lr)")
         self.density = torch.maximum(self.density * self.decay, sigma.reshape(self.density.shape))
         occupied = self.density > min(self.threshold, self.density.mean().item())
         self.mask = F.max_pool3d(occupied[None, None].float(), 3, 1, 1)[0, 0] > 0

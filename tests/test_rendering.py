@@ -128,6 +128,8 @@ def test_occupancy_grid_keeps_every_cell_with_density():
     has_density = density(pts) > 0
     assert grid.query(pts[has_density]).all()                     # never skipped
     assert grid.query(pts).float().mean() < 0.2                    # but most of space is skipped
+    with pytest.raises(common.UserError, match="non-finite"):
+        grid.update(lambda x: density(x) * float("nan"))
 
 
 # ---- cameras --------------------------------------------------------------------------------------
