@@ -207,7 +207,7 @@ def encode_all(vae, images, batch: int = 512):
 
 
 def train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, captions, seconds: float,
-               batch: int = 256, lr: float = 3e-4, p_uncond: float = 0.1, ema_decay: float = 0.999,
+               batch: int = 512, lr: float = 4e-4, p_uncond: float = 0.1, ema_decay: float = 0.999,
                log=print):
     """Epsilon prediction (DDPM's simple loss) on scaled latents; the text encoder learns with the
     UNet (it starts from random weights). A caption is replaced by "" with probability p_uncond
@@ -247,8 +247,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, capt
         with torch.no_grad():
             d = min(ema_decay, (1 + step) / (10 + step))
             for e, m in zip(ema, (unet, text_encoder)):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - d)
+                torch._foreach_lerp_(list(e.parameters()), list(m.parameters()), 1 - d)
         if step % 1000 == 0:
             log(f"unet step {step:6d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
         step += 1
@@ -260,8 +259,9 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, capt
 
 
 @torch.no_grad()
-def evaluate(folder: str, per_caption: int, seed: int, device, clip="toy", samples_png: str = ""):
-    """Sample `per_caption` images of every toy caption (DDIM, 50 steps, guidance 7.5) and return
+def evaluate(folder: str, per_caption: int, seed: int, device, guidance: float = 7.5, clip="toy",
+             samples_png: str = ""):
+    """Sample `per_caption` images of every toy caption (DDIM, 50 steps, `guidance`) and return
     the fraction that the toy CLIP ranks their own caption first among the 30 (Dream Fields'
     R-precision; None while data/toy_clip is not trained). Optionally write a grid (one row per
     caption) to samples_png."""
@@ -271,7 +271,7 @@ def evaluate(folder: str, per_caption: int, seed: int, device, clip="toy", sampl
     from _prior_diffusion import DiffusionPrior
     prior = DiffusionPrior(folder, device=device)
     g = torch.Generator(device).manual_seed(seed)
-    imgs = torch.cat([prior.sample([c] * per_caption, steps=50, guidance=7.5, generator=g)
+    imgs = torch.cat([prior.sample([c] * per_caption, steps=50, guidance=guidance, generator=g)
                       for c in toyworld.CAPTIONS])                                  # (30 n, 3, H, W)
     if samples_png:
         S = imgs.shape[-1]
@@ -289,14 +289,16 @@ def main():
     p.add_argument("--out", default="data/toy_sd")
     p.add_argument("--n", type=int, default=24000, help="training renders")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--unet-seconds", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-only", action="store_true", help="skip training: evaluate --out")
     p.add_argument("--eval-per-caption", type=int, default=10, help="samples per caption (0: no evaluation)")
+    p.add_argument("--eval-guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--samples", default="", help="also write the evaluation samples as a PNG grid here")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     if not args.eval_only:
         t0 = time.time()
@@ -321,12 +323,13 @@ def main():
         print(f"saved {args.out}")
     if args.eval_per_caption:
         t0 = time.time()
-        r = evaluate(args.out, args.eval_per_caption, args.seed, dev, samples_png=args.samples)
+        r = evaluate(args.out, args.eval_per_caption, args.seed, dev, args.eval_guidance,
+                     samples_png=args.samples)
         if r is None:
             print("no toy CLIP in data/toy_clip yet: recognition not measured")
             return
         print(f"toy CLIP recognises {100 * r:.1f}% of {args.eval_per_caption} samples per caption "
-              f"(50 DDIM steps, guidance 7.5), {time.time() - t0:.0f}s")
+              f"(50 DDIM steps, guidance {args.eval_guidance}), {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
