@@ -236,3 +236,19 @@ def test_toy_vocabulary_guard(latent_folder):
         prior.sds_loss(torch.rand(1, 3, 64, 64), "a red hamburger", 0.0, 0.0)
     with pytest.raises(common.UserError, match="--prior"):
         prior.sample("a blue cube", steps=1)
+
+
+def test_bundled_toy_prior_loads_through_the_same_path():
+    """"toy" resolves to data/toy_sd, a plain pipeline folder, loaded by the same code as any id."""
+    import _prior_diffusion
+    folder = _prior_diffusion.TOY_PRIORS["toy"]
+    toy, direct = DiffusionPrior("toy"), DiffusionPrior(folder)
+    assert toy.folder == folder and toy.vae is not None and toy.resolution == 64
+    assert "cube" in toy.toy_vocab and "hamburger" not in toy.toy_vocab
+    with torch.no_grad():
+        assert torch.equal(toy.embed("a red cube, front view"), direct.embed("a red cube, front view"))
+    img = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss, info = toy.sds_loss(img, "a red cube", torch.tensor([10.0, 70.0]), torch.tensor([0.0, 90.0]),
+                              generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
