@@ -80,6 +80,7 @@ class DiffusionPrior:
     latent model, the VAE. fp16 on CUDA, fp32 elsewhere; all weights frozen."""
 
     def __init__(self, name: str = "toy", device="cpu", dtype=None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")           # never wait on the network
         folder = resolve_pretrained(name)
         self.name, self.folder, self.device = name, folder, torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -93,11 +94,11 @@ class DiffusionPrior:
                     raise UserError(f"{folder} has no {sub}/ component; not a text-to-image pipeline")
                 continue
             parts[sub] = _load_component(folder, sub, spec[0], spec[1], self.dtype)
+            # offline, a tokenizer whose files are missing can come back empty instead of failing
+            if sub == "tokenizer" and len(parts[sub]) <= len(parts[sub].all_special_tokens):
+                raise UserError(f"the tokenizer of {name!r} is empty (its files are missing from "
+                                f"{folder}); re-download the model (cache under $HF_HOME) or use --prior")
         self.tokenizer, self.scheduler = parts["tokenizer"], parts["scheduler"]
-        # offline, a tokenizer whose files are missing can come back empty instead of failing
-        if len(self.tokenizer) <= len(self.tokenizer.all_special_tokens):
-            raise UserError(f"the tokenizer of {name!r} is empty (its files are missing from "
-                            f"{folder}); re-download the model (cache under $HF_HOME) or use --prior")
         self.text_encoder = parts["text_encoder"].to(self.device).eval().requires_grad_(False)
         self.unet = parts["unet"].to(self.device).eval().requires_grad_(False)
         self.vae = parts.get("vae")
