@@ -345,6 +345,7 @@ def export(cfg, model, run, data, step, elapsed, curve, device):
                "iters_per_second": round(step / max(elapsed, 1e-9), 2), "curve": curve, "device": str(device)}
     if device.type == "cuda":
         metrics["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    run.write_json("metrics.json", metrics)          # written again below with the mesh's size
     # turntable at 30 degrees elevation, at the training cameras' mean distance
     radius = data["train"]["poses"][:, :3, 3].norm(dim=-1).mean().item()
     frames = []
