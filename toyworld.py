@@ -488,7 +488,7 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
 def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, held_out: bool = True) -> float:
     """Zero-shot top-1 over the 30 captions on n renders (held out: new yaw, light, backgrounds),
     through the same prior interface the method scripts use."""
-    from _prior_clip import CLIPPrior
+    from common import CLIPPrior
     prior = CLIPPrior(model, pretrained, device=device, flag="--model/--pretrained")
     correct = 0
     for i in range(0, n, 500):

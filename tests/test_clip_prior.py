@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from _prior_clip import CLIPPrior, check_toy_prompt
+from common import CLIPPrior, check_toy_prompt
 
 TINY = {  # a tiny open_clip architecture, for the loading path
     "model_cfg": {
