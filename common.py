@@ -23,7 +23,6 @@ import random
 import re
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -58,6 +57,33 @@ def add_run_flags(p: argparse.ArgumentParser, default_name: str):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, defaults: dict, source_file: str):
+    """One `--flag` per key of a script's config block (`key=value,   # meaning`): the type comes
+    from the value, booleans get --flag/--no-flag, and the help is the comment on the key's line
+    in `source_file`. Defaults are None, so a preset can fill what the user did not set."""
+    helps = {}
+    with open(source_file) as f:
+        for line in f:
+            m = re.match(r"\s+(\w+)=.*?#\s*(.+)$", line)
+            if m and m.group(1) in defaults:
+                helps.setdefault(m.group(1), m.group(2).strip())
+    g = p.add_argument_group("config (defaults before presets)")
+    for k, v in defaults.items():
+        text = f"{helps.get(k, '')} (default {v})".strip().replace("%", "%%")     # argparse formats help
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            g.add_argument(flag, type=type(v), default=None, help=text)
+    return p
+
+
+def resolve_config(args: argparse.Namespace, defaults: dict, preset: dict = None) -> argparse.Namespace:
+    """defaults < preset < flags the user gave."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return argparse.Namespace(**{**defaults, **(preset or {}), **given})
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -19,7 +19,6 @@ DEVIATION: the hash-grid field is pure PyTorch (no tiny-cuda-nn): dense/hashed l
 DEVIATION: the occupancy mask is dilated by one cell (never skips a cell next to seen density).
 """
 import argparse
-import json
 import math
 import os
 import signal
@@ -87,23 +86,18 @@ DEFAULTS = dict(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named hyperparameter set (default: quick; --field mlp alone implies nerf, hashgrid ngp)")
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {v})")
-        else:
-            p.add_argument(flag, type=type(v), default=None, help=f"(default {v})")
+    common.add_config_flags(p, DEFAULTS, __file__)
     common.add_run_flags(p, default_name="default")
     args = p.parse_args(argv)
     if args.field not in (None, "mlp", "hashgrid"):
         raise common.UserError(f"--field must be mlp or hashgrid, not {args.field!r}")
     preset = args.preset or {None: "quick", "mlp": "nerf", "hashgrid": "ngp"}[args.field]
-    cfg = {**DEFAULTS, **PRESETS[preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    cfg["preset"] = preset
-    return argparse.Namespace(**cfg)
+    cfg = common.resolve_config(args, DEFAULTS, PRESETS[preset])
+    cfg.preset = preset
+    return cfg
 
 
 # ================================================================================================
