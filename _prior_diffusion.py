@@ -180,7 +180,9 @@ class DiffusionPrior:
         out = self.unet(torch.cat([x_t, x_t]).to(self.dtype), torch.cat([t, t]),
                         encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
         out = out[:, :C]                     # a UNet with learned variance (IF) also outputs 2C
-        if self.scheduler.config.prediction_type == "v_prediction":   # v = sqrt(a) eps - sqrt(1-a) x
+        # v-prediction (SD 2.x 768): v = sqrt(abar) eps - sqrt(1-abar) x_0, so
+        # eps = sqrt(abar) v + sqrt(1-abar) x_t
+        if self.scheduler.config.prediction_type == "v_prediction":
             a = self.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
             out = a.sqrt() * out + (1 - a).sqrt() * torch.cat([x_t, x_t]).float()
         return out[:B], out[B:]

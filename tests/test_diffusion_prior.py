@@ -157,6 +157,27 @@ def test_guidance_arithmetic_and_nonfinite(pixel_folder, monkeypatch):
         assert images.grad[0, 0, 0, 0] == 0 and torch.isfinite(loss)
 
 
+def test_v_prediction_is_turned_into_eps(pixel_folder):
+    """eps = sqrt(abar) v + sqrt(1 - abar) x_t, with x_t made from a known x_0 and eps:
+    a UNet that outputs the true v must give back the true eps."""
+    prior = DiffusionPrior(pixel_folder)
+    prior.scheduler.register_to_config(prediction_type="v_prediction")
+    x0, eps = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t = torch.tensor([100, 800])
+    a = prior.scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    class TrueV(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            # [uncond, cond] batch of 2B; 2C channels (mean and variance, as IF's stage I)
+            return type("Out", (), {"sample": torch.cat([v, v], 1).repeat(2, 1, 1, 1)})()
+    prior.unet = TrueV()
+    cond = torch.zeros(2, 4, 64)
+    eps_u, eps_c = prior.predict_eps(x_t, t, cond, cond)
+    assert torch.allclose(eps_u, eps, atol=1e-5) and torch.allclose(eps_c, eps, atol=1e-5)
+
+
 def test_timesteps_stay_in_range_and_weighting(pixel_folder, monkeypatch):
     prior = DiffusionPrior(pixel_folder)
     monkeypatch.setattr(prior, "predict_eps", lambda x_t, t, c, u: (torch.zeros_like(x_t),) * 2)
