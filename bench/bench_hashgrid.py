@@ -55,7 +55,7 @@ def main():
         rows.append((name, ms, mem))
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"\nHashGrid L=16 F=2 T=2^19 N_min=16 N_max=2048, {n} points, forward+backward, {name}, torch {torch.__version__}")
-    print(f"| version | median ms | peak MiB |\n|---|---|---|")
+    print("| version | median ms | peak MiB |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.0f} |")
 

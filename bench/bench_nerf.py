@@ -37,7 +37,7 @@ def main():
         with open(os.path.join(args.out, "nerf", name, "metrics.json")) as f:
             m = json.load(f)
         rows.append((field, m))
-    print(f"\n| field | " + " | ".join(f"PSNR@{s}s" for s in marks) + " | final PSNR | SSIM | iters | it/s | peak GB | device |")
+    print("\n| field | " + " | ".join(f"PSNR@{s}s" for s in marks) + " | final PSNR | SSIM | iters | it/s | peak GB | device |")
     print("|---" * (len(marks) + 7) + "|")
     for field, m in rows:
         curve = {c["seconds"]: c["psnr"] for c in m["curve"]}

@@ -21,7 +21,7 @@ def stage_times(base, up, batch, precision, device, steps=pointe.SAMPLER["steps"
     """Seconds for the base stage and the upsampler stage, for `batch` samples."""
     grid = torch.randn(batch, 1024, 256, device=device)
     S = pointe.SAMPLER
-    times = []
+    times, low = [], None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for model, cond, n, i in [(base, {"clip": grid}, 1024, 0), (up, None, 3072, 1)]:
             if cond is None:

@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _prior_diffusion import DiffusionPrior  # noqa: E402
+from common import DiffusionPrior  # noqa: E402
 
 # Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base), unet/config.json and vae/config.json
 SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

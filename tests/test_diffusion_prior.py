@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from _prior_diffusion import DiffusionPrior, view_suffix  # noqa: E402
-from _toy_sd_train import build_toy_pipeline, build_toy_tokenizer, save_pipeline  # noqa: E402
+from common import DiffusionPrior, view_suffix  # noqa: E402
+from toyworld import build_toy_pipeline, build_toy_tokenizer, save_pipeline  # noqa: E402
 
 PROMPT = "a red cube"
 TEXTS = [f"{PROMPT}, {v}" for v in ("front view", "side view", "back view", "overhead view")]
@@ -261,8 +261,7 @@ def test_toy_vocabulary_guard(latent_folder):
 
 def test_bundled_toy_prior_loads_through_the_same_path():
     """"toy" resolves to data/toy_sd, a plain pipeline folder, loaded by the same code as any id."""
-    import _prior_diffusion
-    folder = _prior_diffusion.TOY_PRIORS["toy"]
+    folder = common.TOY_PRIORS["toy"]
     toy, direct = DiffusionPrior("toy"), DiffusionPrior(folder)
     assert toy.folder == folder and toy.vae is not None and toy.resolution == 64
     assert "cube" in toy.toy_vocab and "hamburger" not in toy.toy_vocab

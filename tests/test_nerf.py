@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-import common
 import nerf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
