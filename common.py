@@ -1052,6 +1052,21 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return (lap ** 2).sum(-1).mean()
 
 
+@torch.no_grad()
+def density_mesh(density_fn, color_fn, aabb, res: int, level: float, device="cpu", chunk: int = 2 ** 18):
+    """A coloured mesh of a density field: marching cubes of density_fn on a res^3 grid over aabb
+    (2, 3), faces flipped so their right-hand normals point out of the dense region, and vertex
+    colours color_fn(verts) in [0, 1]. density_fn / color_fn take points (N, 3) on `device`.
+    Returns verts (V, 3), faces (F, 3), colors (V, 3) on the CPU; empty when `level` is never crossed."""
+    pts = grid_points(aabb, res).reshape(-1, 3)
+    sigma = torch.cat([density_fn(pts[i:i + chunk].to(device)).float().cpu() for i in range(0, len(pts), chunk)])
+    verts, faces = marching_cubes(sigma.reshape(res, res, res), level, aabb)
+    if len(faces) == 0:
+        return verts, faces, torch.zeros(0, 3)
+    colors = torch.cat([color_fn(verts[i:i + chunk].to(device)).float().cpu() for i in range(0, len(verts), chunk)])
+    return verts, faces[:, [0, 2, 1]], colors
+
+
 # ================================================================================================
 # 7. Metrics
 # ================================================================================================

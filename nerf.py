@@ -348,16 +348,11 @@ def export(cfg, model, run, data, step, elapsed, curve, device):
         frames.append(render_image(model, c2w, data["test"]["H"], data["test"]["W"], data["test"]["focal"],
                                    data["test"]["near"], data["test"]["far"])[0])
     common.save_video(run.file("turntable.mp4"), frames)
-    # mesh: marching cubes of the density; vertex colours seen from outside (direction -> centre)
+    # mesh: marching cubes of the density; vertex colours seen from outside (looking at the centre)
     aabb = torch.tensor([[-cfg.bound] * 3, [cfg.bound] * 3])
-    pts = common.grid_points(aabb, cfg.mesh_res).reshape(-1, 3)
-    sigma = torch.cat([model.density(pts[i:i + 2 ** 18].to(device)).cpu() for i in range(0, len(pts), 2 ** 18)])
-    verts, faces = common.marching_cubes(sigma.reshape([cfg.mesh_res] * 3), cfg.mesh_level, aabb)
+    verts, faces, colors = common.density_mesh(model.density, lambda v: model.fine(v, -F.normalize(v, dim=-1))[1],
+                                               aabb, cfg.mesh_res, cfg.mesh_level, device)
     if len(faces):
-        v = verts.to(device)
-        colors = torch.cat([model.fine(v[i:i + 2 ** 16], -F.normalize(v[i:i + 2 ** 16], dim=-1))[1]
-                            for i in range(0, len(v), 2 ** 16)]).cpu()
-        faces = faces[:, [0, 2, 1]]                       # outward normals (density rises inwards)
         common.save_ply(run.file("mesh.ply"), verts, colors, faces)
         common.save_obj(run.file("mesh.obj"), verts, faces, colors)
         metrics["mesh"] = {"vertices": len(verts), "faces": len(faces)}

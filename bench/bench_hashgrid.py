@@ -4,34 +4,12 @@
 """
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
-
-def timed(fn, reps=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+from timing import median_ms  # noqa: E402
 
 
 def main():
@@ -48,10 +26,7 @@ def main():
             k[0] = (k[0] + 1) % len(xs)
             grid.table.grad = None
             (f(xs[k[0]]) * g).sum().backward()
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ms = timed(step)
-        mem = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else float("nan")
+        ms, mem = median_ms(step, reps=50, warmup=10)
         rows.append((name, ms, mem))
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"\nHashGrid L=16 F=2 T=2^19 N_min=16 N_max=2048, {n} points, forward+backward, {name}, torch {torch.__version__}")

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from timing import median_ms as timed  # noqa: E402
 from common import (antialias, interpolate, marching_tets, project_to_clip, rasterize, tet_grid,  # noqa: E402
                        vertex_normals, normal_consistency_loss)
 
@@ -33,25 +34,6 @@ def bumpy_sdf(x):
     """A sphere of radius 0.75 with bumps: the kind of surface Magic3D's DMTet stage meshes."""
     r = x.norm(dim=-1)
     return r - 0.75 - 0.06 * torch.sin(9 * x[:, 0]) * torch.sin(9 * x[:, 1]) * torch.sin(9 * x[:, 2])
-
-
-def timed(fn, reps=20, warmup=3):
-    """Median milliseconds of fn() over reps CUDA-synchronised runs, and its peak extra memory (MiB)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return sorted(times)[len(times) // 2], peak
 
 
 def render(verts, faces, c2w, focal, H, W):

@@ -219,3 +219,14 @@ def test_marching_cubes_sphere_matches_radius():
     verts, faces = common.marching_cubes(pts.norm(dim=-1), 0.6, aabb)
     assert len(faces) > 0
     assert torch.allclose(verts.norm(dim=-1), torch.full((len(verts),), 0.6), atol=0.01)
+
+
+def test_density_mesh_faces_point_out_of_the_dense_region():
+    aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    density = lambda x: 10.0 * (0.5 - x.norm(dim=-1)).clamp(min=0) / 0.5     # dense inside r = 0.5
+    verts, faces, colors = common.density_mesh(density, lambda x: (x + 1) / 2, aabb, 40, 2.0)
+    assert torch.allclose(verts.norm(dim=-1), torch.full((len(verts),), 0.4), atol=0.02)   # 10 (0.5 - r)/0.5 = 2
+    tri = verts[faces]
+    normals = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    assert ((normals * tri.mean(1)).sum(-1) > 0).float().mean() > 0.99
+    assert torch.allclose(colors, (verts + 1) / 2)
