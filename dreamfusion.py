@@ -1,0 +1,432 @@
+"""dreamfusion.py -- DreamFusion (Poole et al., ICLR 2023): a NeRF optimised by score distillation sampling.
+
+Run:
+    python dreamfusion.py --prompt "a red cube"                  # toy SD (data/toy_sd), CPU, a few minutes
+    python dreamfusion.py --preset paper --prompt "a DSLR photo of a corgi" \\
+        --prior stabilityai/stable-diffusion-2-1-base            # a real latent diffusion model (a GPU)
+    python dreamfusion.py --name run1 --resume --iters 600       # continue a run (Ctrl-C saves a checkpoint)
+Outputs in out/dreamfusion/<name>/: config.json, checkpoint.pt, preview.png, colour.mp4, normals.mp4,
+textureless.mp4 (turntables), mesh.ply/.obj, metrics.json (final loss, toy-CLIP score and R-precision of
+held-out views).
+
+The script follows the paper (Sec. 3-4, App. A): the field (density with a blob near the origin,
+albedo), normals from the density gradient, shading (albedo / lambertian / textureless with a random
+light near the camera), the background network, camera sampling with view-dependent prompts, score
+distillation sampling (Eq. 3) through common.DiffusionPrior, the regularisers (orientation, opacity),
+the training loop (Adam), evaluation and export.
+
+DEVIATION: the field is Instant-NGP's hash grid (common.HashGrid) + a 1-hidden-layer MLP (paper:
+  mip-NeRF 360's MLP), as in the open reimplementations; plain PyTorch, no occupancy grid.
+DEVIATION: normals are evaluated only at samples whose compositing weight exceeds --normal-min-weight
+  (the others add nothing to the shaded colour or to the orientation loss), and from the gradient of
+  the log-density (the same direction as the gradient of sigma, without its huge magnitudes).
+DEVIATION: a constant --density-bias is added with the blob (paper: blob only), so that space away from
+  the blob starts nearly empty instead of as a grey haze.
+DEVIATION: the CPU preset (the default) renders 32 px (upsampled to the toy SD's 64 px inside the prior),
+  32 samples per ray, a small hash grid and a few hundred steps; ambient light 0.3 (the toy SD's renders
+  used 0.25-0.45; paper 0.1). Guidance: see the note on --guidance below (paper 100).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ================================================================================================
+# Config: every hyperparameter, one comment each. A preset fills them; explicit flags override.
+# ================================================================================================
+PRESETS = {
+    # CPU-sized: the default, so `python dreamfusion.py` finishes in minutes with the toy SD.
+    "cpu": dict(size=32, n_samples=32, n_levels=8, log2_table=15, max_res=128, iters=300, albedo_iters=100,
+                threads=1),
+    # The paper's setting (App. A) with a hash grid: 64 px renders, 15k steps, albedo-only for the first 2k.
+    "paper": dict(size=64, n_samples=128, n_levels=16, log2_table=19, max_res=2048, iters=15_000,
+                  albedo_iters=2000, mesh_res=256, threads=0),
+}
+DEFAULTS = dict(
+    prompt="a red cube",      # the text the object should match (a view suffix is appended per camera)
+    prior="toy",              # diffusion prior: toy (data/toy_sd) | a diffusers folder | a cached hub id
+    # --- field ---
+    n_levels=8,               # hash-grid levels L
+    log2_table=15,            # log2 of the hash table size T per level
+    base_res=16,              # coarsest grid resolution N_min
+    max_res=128,              # finest grid resolution N_max
+    width=32,                 # hidden width of the MLP after the hash grid
+    blob=True,                # add the density blob near the origin (before the exp activation)
+    blob_density=5.0,         # blob height: log-density + a exp(-r^2 / (2 s^2)) ...
+    blob_radius=0.3,          # ... with s = this
+    density_bias=-2.0,        # constant added to the log-density (empty space starts nearly clear)
+    normals="fd",             # fd (central finite differences) | autograd
+    fd_eps=1e-2,              # finite-difference step
+    normal_min_weight=1e-2,   # normals only where the compositing weight exceeds this (see DEVIATION)
+    # --- rendering and shading ---
+    size=32,                  # render size in pixels (square)
+    n_samples=32,             # stratified samples per ray inside the cube |x| <= 1
+    shading=True,             # random lambertian / textureless shading after --albedo-iters (off: albedo only)
+    albedo_iters=100,         # albedo-only shading for the first this many steps
+    p_textureless=0.375,      # after that: P(textureless) ...
+    p_lambertian=0.375,       # ... P(lambertian); albedo-only with the rest
+    ambient=0.3,              # ambient light in lambertian shading
+    light_jitter=1.0,         # light = normalize(camera position + N(0, this^2 I))
+    bg_net=True,              # background colour from a small MLP on the ray direction (off: white)
+    p_random_bg=0.5,          # probability of a random solid background colour instead
+    # --- cameras (toy defaults: the toy SD's training distribution) ---
+    radius_min=3.0,           # camera distance range ...
+    radius_max=4.0,           # ...
+    elev_min=-10.0,           # camera elevation range in degrees ...
+    elev_max=80.0,            # ...
+    fov_min=35.0,             # horizontal field of view range in degrees ...
+    fov_max=45.0,             # ...
+    view_prompts=True,        # append "front / side / back / overhead view" to the prompt
+    # --- score distillation ---
+    guidance=30.0,            # classifier-free guidance scale s (paper 100; toy SD: see the header)
+    t_min=0.02,               # t ~ U(t_min, t_max) ...
+    t_max=0.98,               # ...
+    # --- regularisers ---
+    lambda_orient=1e-2,       # orientation loss weight: sum stopgrad(w) max(0, n.d)^2
+    lambda_opacity=1e-3,      # opacity loss weight: mean sqrt(opacity^2 + 0.01)
+    # --- optimisation ---
+    iters=300,                # training iterations (one camera, one render each)
+    lr=1e-2,                  # Adam learning rate (eps 1e-15, betas 0.9 / 0.99)
+    # --- evaluation and export ---
+    n_eval=8,                 # held-out views (azimuths 360 (k + 1/2) / n) for the CLIP score
+    eval_clip="toy",          # CLIP for the evaluation (toy: data/toy_clip; empty: skip)
+    video_frames=36,          # turntable frames
+    video_size=64,            # turntable frame size in pixels
+    mesh_res=64,              # marching-cubes grid resolution over the cube
+    mesh_level=10.0,          # density iso-level of the exported mesh
+    preview_every=100,        # write preview.png every this many steps
+    ckpt_every=100,           # save a checkpoint every this many steps
+    threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
+)
+AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named hyperparameter set")
+    common.add_config_flags(p, DEFAULTS, __file__)
+    common.add_run_flags(p, default_name="default")
+    args = p.parse_args(argv)
+    cfg = common.resolve_config(args, DEFAULTS, PRESETS[args.preset])
+    if cfg.normals not in ("fd", "autograd"):
+        raise common.UserError(f"--normals must be fd or autograd, not {cfg.normals!r}")
+    if not 0 <= cfg.t_min < cfg.t_max <= 1:
+        raise common.UserError("--t-min / --t-max must satisfy 0 <= t_min < t_max <= 1")
+    return cfg
+
+
+# ================================================================================================
+# The field (Sec. 3.1): density sigma = exp(h + blob(x)) and albedo = sigmoid(...), from position only
+# ================================================================================================
+class Field(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = common.HashGrid(cfg.n_levels, 2, cfg.log2_table, cfg.base_res, cfg.max_res)
+        self.net = nn.Sequential(nn.Linear(self.grid.out_dim, cfg.width), nn.ReLU(), nn.Linear(cfg.width, 4))
+
+    def log_density(self, x, h=None):
+        """x (N, 3) -> log sigma (N,): the network's output + blob a exp(-|x|^2 / (2 s^2)) + bias."""
+        h = self.net(self.grid((x + 1) / 2)) if h is None else h
+        bias = self.cfg.density_bias
+        if self.cfg.blob:
+            bias = bias + self.cfg.blob_density * torch.exp(-(x ** 2).sum(-1) / (2 * self.cfg.blob_radius ** 2))
+        return h[:, 0] + bias
+
+    def density(self, x):
+        return common.trunc_exp(self.log_density(x))
+
+    def forward(self, x):
+        """x (N, 3) -> sigma (N,), albedo (N, 3)."""
+        h = self.net(self.grid((x + 1) / 2))
+        return common.trunc_exp(self.log_density(x, h)), torch.sigmoid(h[:, 1:])
+
+    def normals(self, x):
+        """Unit normals n = -grad sigma / |grad sigma| at x (N, 3) (differentiable w.r.t. the field)."""
+        if self.cfg.normals == "fd":
+            e = self.cfg.fd_eps * torch.eye(3, device=x.device)                         # (3, 3)
+            ld = self.log_density(torch.cat([x + e[i] for i in range(3)] + [x - e[i] for i in range(3)]))
+            ld = ld.view(2, 3, -1)                                                       # (+/-, axis, N)
+            grad = ((ld[0] - ld[1]) / (2 * self.cfg.fd_eps)).T                          # (N, 3)
+        else:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                grad = torch.autograd.grad(self.log_density(x).sum(), x, create_graph=torch.is_grad_enabled())[0]
+        return -F.normalize(grad, dim=-1, eps=1e-12)
+
+
+class Background(nn.Module):
+    """Sec. 3.1: the background colour is a small MLP on the ray direction."""
+
+    def __init__(self, n_freqs=2, width=16):
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), width), nn.ReLU(), nn.Linear(width, 3))
+
+    def forward(self, d):
+        return torch.sigmoid(self.net(common.positional_encoding(F.normalize(d, dim=-1), self.n_freqs)))
+
+
+# ================================================================================================
+# Rendering and shading (Sec. 3.1): volume rendering of the albedo, shaded per sample
+# ================================================================================================
+def shade(albedo, normals, light, mode: str, ambient: float):
+    """Sec. 3.1: c = rho * (ambient + (1 - ambient) max(0, n . l)); textureless sets rho = 1 (white),
+    albedo-only returns rho. albedo, normals (N, 3); light (3,) unit."""
+    if mode == "albedo":
+        return albedo
+    rho = torch.ones_like(albedo) if mode == "textureless" else albedo
+    return rho * (ambient + (1 - ambient) * (normals @ light).clamp(min=0)[:, None])
+
+
+def orientation_loss(weights, normals, dirs):
+    """Ref-NeRF / DreamFusion: sum_i stopgrad(w_i) max(0, n_i . d)^2 per ray, averaged over rays.
+    weights (R, S); normals (R, S, 3); dirs (R, 3) unit, pointing away from the camera."""
+    nd = (normals * dirs[:, None, :]).sum(-1)                                        # (R, S)
+    return (weights.detach() * nd.clamp(min=0) ** 2).sum(-1).mean()
+
+
+def render(field, cfg, rays_o, rays_d, light, mode: str, background, perturb: bool):
+    """Render rays (R, 3) with shading `mode` (albedo | lambertian | textureless | all) over
+    `background` (R, 3). Returns rgb (R, 3), opacity (R,), orient (scalar loss) and, for mode
+    "all", lambertian, textureless and normal maps (R, 3) each (the turntables)."""
+    R, S = rays_o.shape[0], cfg.n_samples
+    d = F.normalize(rays_d, dim=-1)
+    near, far = common.ray_aabb(rays_o, d, AABB.to(rays_o.device))
+    far = torch.maximum(far, near.clamp(min=0))                                       # a miss: zero length
+    near = near.clamp(min=0)
+    t = common.stratified_samples(near[:, None], far[:, None], R, S, perturb, rays_o.device)   # (R, S)
+    pts = rays_o[:, None] + t[..., None] * d[:, None]                                 # (R, S, 3)
+    sigma, albedo = field(pts.reshape(-1, 3))
+    deltas = ((far - near) / S)[:, None].expand(R, S)
+    out = common.composite(sigma.view(R, S), albedo.view(R, S, 3), deltas)
+    w = out["weights"]                                                                # (R, S)
+    n = torch.zeros(R, S, 3, device=rays_o.device)
+    sel = w.detach() > cfg.normal_min_weight
+    if mode != "albedo" or cfg.lambda_orient > 0:
+        n = n.masked_scatter(sel[..., None].expand(R, S, 3), field.normals(pts[sel]))
+    res = {"opacity": out["opacity"], "orient": orientation_loss(w, n, d)}
+    bg = (1 - out["opacity"])[:, None] * background
+
+    def composite_colour(m):
+        c = shade(albedo, n.view(-1, 3), light, m, cfg.ambient).view(R, S, 3)
+        return (w[..., None] * c).sum(1) + bg
+
+    if mode == "all":
+        res.update({m: composite_colour(m) for m in ("lambertian", "textureless")})
+        res["normals"] = (w[..., None] * (n + 1) / 2).sum(1) + bg
+        mode = "albedo"
+    res["rgb"] = composite_colour(mode)
+    return res
+
+
+def render_view(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, perturb=False):
+    """One camera -> dict of (size, size, 3) images (and opacity (size, size)); bg None: the bg net."""
+    rays_o, rays_d = common.get_rays(size, size, common.focal_from_fov(fov, size), c2w)
+    rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+    background = bg_net(rays_d) if bg is None else bg.expand(rays_d.shape[0], 3)
+    out = render(field, cfg, rays_o, rays_d, light, mode, background, perturb)
+    return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
+
+
+def random_light(cam_pos, jitter: float, generator=None):
+    """Sec. 3.1: a point light near the camera: l = normalize(camera position + N(0, jitter^2 I))."""
+    return F.normalize(cam_pos + jitter * torch.randn(3, generator=generator), dim=-1)
+
+
+def pick_shading(step: int, cfg, u: float) -> str:
+    """Albedo-only for the first --albedo-iters steps, then textureless / lambertian / albedo at random."""
+    if not cfg.shading or step < cfg.albedo_iters:
+        return "albedo"
+    if u < cfg.p_textureless:
+        return "textureless"
+    return "lambertian" if u < cfg.p_textureless + cfg.p_lambertian else "albedo"
+
+
+def view_prompt(prompt: str, elevation: float, azimuth: float, on: bool = True) -> str:
+    """Sec. 3.2: the prompt plus "overhead / front / side / back view" by the camera's angles."""
+    return f"{prompt}, {common.view_suffix(elevation, azimuth)}" if on else prompt
+
+
+# ================================================================================================
+# Training (Sec. 3, App. A): one random camera per step, SDS on its render plus the regularisers
+# ================================================================================================
+def train(cfg, run, prior, device):
+    common.seed_everything(cfg.seed)
+    field, bg_net = Field(cfg).to(device), Background().to(device)
+    params = list(field.parameters()) + list(bg_net.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
+    start, elapsed, curve = 0, 0.0, []
+    if cfg.resume:
+        ck = run.load_checkpoint(map_location=device)
+        field.load_state_dict(ck["field"]), bg_net.load_state_dict(ck["bg"]), opt.load_state_dict(ck["opt"])
+        start, elapsed, curve = ck["step"], ck["elapsed"], ck["curve"]
+        common.set_rng_state(ck["rng"])
+    elif run.exists("checkpoint.pt"):
+        raise common.UserError(f"{run.path} already holds a run: pass --resume to continue it or --name for a new one")
+    run.write_json("config.json", vars(cfg))
+
+    def checkpoint(step):
+        run.save_checkpoint({"field": field.state_dict(), "bg": bg_net.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "elapsed": elapsed, "curve": curve, "rng": common.rng_state()})
+
+    # Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C kills)
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    bar = common.progress(range(start, cfg.iters), initial=start, total=cfg.iters, desc="dreamfusion")
+    step = start
+    for step in range(start, cfg.iters):
+        t0 = time.perf_counter()
+        # --- 1. a random camera, a light near it, a shading mode, a background ---
+        cam = common.sample_cameras(1, (cfg.radius_min, cfg.radius_max), (cfg.elev_min, cfg.elev_max),
+                                    fov=(cfg.fov_min, cfg.fov_max))
+        light = random_light(cam["c2w"][0, :3, 3], cfg.light_jitter).to(device)
+        mode = pick_shading(step, cfg, random.random())
+        bg = None if cfg.bg_net and random.random() >= cfg.p_random_bg else \
+            (torch.rand(3) if cfg.bg_net else torch.ones(3)).to(device)
+        # --- 2. render ---
+        out = render_view(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
+                          light, bg, perturb=True)
+        image = out["rgb"].permute(2, 0, 1)[None]                                    # (1, 3, S, S)
+        # --- 3. score distillation (Eq. 3) with the view-dependent prompt (Sec. 3.2) ---
+        el, az = cam["elevation"].item(), cam["azimuth"].item()
+        sds, info = prior.sds_loss(image, cfg.prompt, *((el, az) if cfg.view_prompts else (None, None)),
+                                   guidance=cfg.guidance, t_range=(cfg.t_min, cfg.t_max))
+        # --- 4. regularisers: orientation, opacity ---
+        opacity = torch.sqrt(out["opacity"] ** 2 + 0.01).mean()
+        loss = sds + cfg.lambda_orient * out["orient"] + cfg.lambda_opacity * opacity
+        common.check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed += time.perf_counter() - t0
+        step += 1
+        # --- 5. log, preview, checkpoint ---
+        curve.append({"step": step, "loss": loss.item(), "sds_grad": info["grad_norm"].mean().item(),
+                      "t": info["t"].item(), "mode": mode, "opacity": out["opacity"].mean().item()})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.2f}", opacity=f"{curve[-1]['opacity']:.2f}", mode=mode[:4])
+        if step % cfg.preview_every == 0:
+            common.save_image(run.file("preview.png"), preview(field, bg_net, cfg, device))
+        if step % cfg.ckpt_every == 0 or interrupted:
+            checkpoint(step)
+        if interrupted:
+            break
+    bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    checkpoint(step)
+    if interrupted:
+        print(f"interrupted: checkpoint at step {step} saved in {run.path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    return field, bg_net, step, elapsed, curve
+
+
+# ================================================================================================
+# Evaluation and export: held-out views, CLIP score / R-precision, turntables, mesh
+# ================================================================================================
+@torch.no_grad()
+def eval_views(field, bg_net, cfg, device, n, size, elevation=20.0, radius=3.5, fov=40.0):
+    """n views at azimuths 360 (k + 1/2) / n on white, light above the camera: dict of (n, S, S, 3)."""
+    views = []
+    for k in range(n):
+        az = 360.0 * (k + 0.5) / n
+        c2w = common.pose_spherical(radius, elevation, az).to(device)
+        light = F.normalize(common.spherical_to_cartesian(1.0, elevation + 30.0, az), dim=-1).to(device)
+        views.append(render_view(field, bg_net, cfg, c2w, fov, size, "all", light, torch.ones(3, device=device)))
+    return {k: torch.stack([v[k] for v in views]) for k in ("rgb", "lambertian", "textureless", "normals")}
+
+
+def preview(field, bg_net, cfg, device, n=4):
+    """Rows: lambertian colour, textureless, normals of n views -> (3 S, n S, 3)."""
+    v = eval_views(field, bg_net, cfg, device, n, cfg.size)
+    rows = [v[k].permute(1, 0, 2, 3).reshape(cfg.size, n * cfg.size, 3) for k in ("lambertian", "textureless", "normals")]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def evaluate(field, bg_net, cfg, device):
+    """Toy-CLIP score (mean cosine of held-out lambertian views with the prompt) and R-precision among
+    the toy captions."""
+    if not cfg.eval_clip:
+        return {"clip": "skipped (--eval-clip empty)"}
+    ev = common.CLIPPrior(cfg.eval_clip, device=device, flag="--eval-clip")
+    images = eval_views(field, bg_net, cfg, device, cfg.n_eval, 64)["lambertian"].permute(0, 3, 1, 2)
+    m = {"clip_score": ev.similarity(ev.encode_image(images), ev.encode_text([cfg.prompt])).mean().item()}
+    vocab = os.path.join(common.TOY_CLIP.get(cfg.eval_clip, cfg.eval_clip), common.TOY_CLIP_VOCAB_FILE)
+    if os.path.isfile(vocab):
+        with open(vocab) as f:
+            caps = json.load(f)["captions"]
+        caps = caps if cfg.prompt in caps else [cfg.prompt] + caps
+        m["r_precision"] = ev.r_precision(images, caps, [caps.index(cfg.prompt)] * len(images))
+        m["n_captions"] = len(caps)
+    return m
+
+
+@torch.no_grad()
+def export(cfg, field, bg_net, run, device, step, elapsed, curve):
+    field.eval()
+    frames = {k: [] for k in ("lambertian", "textureless", "normals")}
+    for az in torch.linspace(-180, 180, cfg.video_frames + 1)[:-1].tolist():
+        c2w = common.pose_spherical(3.5, 20.0, az).to(device)
+        light = F.normalize(common.spherical_to_cartesian(1.0, 50.0, az), dim=-1).to(device)
+        v = render_view(field, bg_net, cfg, c2w, 40.0, cfg.video_size, "all", light, torch.ones(3, device=device))
+        for k in frames:
+            frames[k].append(v[k])
+    for k, name in (("lambertian", "colour"), ("textureless", "textureless"), ("normals", "normals")):
+        common.save_video(run.file(f"{name}.mp4"), frames[k])
+    common.save_image(run.file("preview.png"), preview(field, bg_net, cfg, device))
+    last = curve[-20:]
+    metrics = {"iterations": step, "train_seconds": round(elapsed, 1),
+               "final_loss": sum(c["loss"] for c in last) / max(len(last), 1),
+               "final_opacity": sum(c["opacity"] for c in last) / max(len(last), 1), **evaluate(field, bg_net, cfg, device)}
+    # mesh: marching cubes of the density; vertex colours = albedo
+    pts = common.grid_points(AABB, cfg.mesh_res).reshape(-1, 3)
+    sigma = torch.cat([field.density(pts[i:i + 2 ** 16].to(device)).cpu() for i in range(0, len(pts), 2 ** 16)])
+    verts, faces = common.marching_cubes(sigma.reshape([cfg.mesh_res] * 3), cfg.mesh_level, AABB)
+    if len(faces):
+        colors = field(verts.to(device))[1].cpu()
+        faces = faces[:, [0, 2, 1]]                       # outward normals (density rises inwards)
+        common.save_ply(run.file("mesh.ply"), verts, colors, faces)
+        common.save_obj(run.file("mesh.obj"), verts, faces, colors)
+        metrics["mesh"] = {"vertices": len(verts), "faces": len(faces)}
+    else:
+        metrics["mesh"] = f"empty: the density (max {sigma.max():.3g}) never crosses --mesh-level {cfg.mesh_level}"
+    run.write_json("metrics.json", metrics)
+    print(f"{step} iterations in {elapsed:.0f} s; CLIP score {metrics.get('clip_score', float('nan')):.3f}, "
+          f"R-precision {metrics.get('r_precision', 'n/a')} -> {run.path}")
+    return metrics
+
+
+def check_prompt(cfg):
+    """Refuse a prompt outside a toy prior's vocabulary before any model is loaded (one line, exit 2)."""
+    vocab = os.path.join(common.resolve_pretrained(cfg.prior), common.TOY_VOCAB_FILE)
+    if os.path.isfile(vocab):
+        with open(vocab) as f:
+            common.check_toy_prompt(cfg.prompt, json.load(f)["words"], "--prior")
+
+
+def main(argv=None):
+    with common.cli_errors():
+        cfg = parse_args(argv)
+        device = common.pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        check_prompt(cfg)                                  # a bad prompt stops here, nothing written
+        prior = common.DiffusionPrior(cfg.prior, device=device)
+        run = common.RunDir(cfg.out, "dreamfusion", cfg.name)
+        field, bg_net, step, elapsed, curve = train(cfg, run, prior, device)
+        export(cfg, field, bg_net, run, device, step, elapsed, curve)
+
+
+if __name__ == "__main__":
+    main()
