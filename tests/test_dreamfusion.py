@@ -143,3 +143,20 @@ def test_bad_prompt_exits_2_with_one_line_and_writes_nothing(tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "corgi" in lines[0] and "--prior" in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+def test_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path):
+    tiny = ["--n-levels", "4", "--log2-table", "12", "--max-res", "32", "--size", "16", "--n-samples", "16",
+            "--albedo-iters", "1", "--video-frames", "2", "--video-size", "16", "--mesh-res", "16",
+            "--eval-clip", "", "--out", str(tmp_path), "--threads", "1"]
+    df.main(tiny + ["--name", "straight", "--iters", "3"])
+    df.main(tiny + ["--name", "split", "--iters", "2"])
+    df.main(tiny + ["--name", "split", "--iters", "3", "--resume"])
+    a = torch.load(tmp_path / "dreamfusion" / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "dreamfusion" / "split" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for k in a["field"]:
+        assert torch.equal(a["field"][k], b["field"][k]), k
+    assert [c["loss"] for c in a["curve"]] == [c["loss"] for c in b["curve"]]
+    for f in ("config.json", "colour.mp4", "normals.mp4", "textureless.mp4", "metrics.json", "preview.png"):
+        assert (tmp_path / "dreamfusion" / "straight" / f).exists(), f
