@@ -4,6 +4,7 @@ Run:
     python dreamfusion.py --prompt "a red cube"                  # toy SD (data/toy_sd), CPU, a few minutes
     python dreamfusion.py --preset paper --prompt "a DSLR photo of a corgi" \\
         --prior stabilityai/stable-diffusion-2-1-base            # a real latent diffusion model (a GPU)
+    python dreamfusion.py --prompt "a red cube" --ablate         # each trick off in turn -> ablation.png/.md
     python dreamfusion.py --name run1 --resume --iters 600       # continue a run (Ctrl-C saves a checkpoint)
 Outputs in out/dreamfusion/<name>/: config.json, checkpoint.pt, preview.png, colour.mp4, normals.mp4,
 textureless.mp4 (turntables), mesh.ply/.obj, metrics.json (final loss, toy-CLIP score and R-precision of
@@ -112,6 +113,7 @@ DEFAULTS = dict(
     mesh_level=10.0,          # density iso-level of the exported mesh
     preview_every=100,        # write preview.png every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
+    ablate=False,             # run each trick off in turn (same seed) and write ablation.png/.md/.json
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
@@ -413,6 +415,32 @@ def export(cfg, field, bg_net, run, device, step, elapsed, curve):
     return metrics
 
 
+ABLATIONS = {"full": {}, "no blob": {"blob": False}, "no shading": {"shading": False},
+             "no view prompts": {"view_prompts": False}, "white bg": {"bg_net": False},
+             "no orientation loss": {"lambda_orient": 0.0}, "no opacity loss": {"lambda_opacity": 0.0}}
+
+
+def ablate(cfg, prior, device):
+    """The same prompt and seed with each trick off in turn: ablation.png (a row per run) + .md/.json."""
+    rows, images = [], []
+    for label, change in ABLATIONS.items():
+        sub = argparse.Namespace(**{**vars(cfg), **change})
+        run = common.RunDir(cfg.out, "dreamfusion", os.path.join(cfg.name, label.replace(" ", "_")))
+        field, bg_net, step, elapsed, curve = train(sub, run, prior, device)
+        m = evaluate(field, bg_net, sub, device)
+        rows.append({"run": label, "clip_score": m.get("clip_score", math.nan), "r_precision": m.get("r_precision", math.nan),
+                     "seconds": round(elapsed, 1)})
+        images.append(preview(field, bg_net, sub, device))
+    top = common.RunDir(cfg.out, "dreamfusion", cfg.name)
+    common.save_image(top.file("ablation.png"), torch.cat(images))
+    top.write_json("ablation.json", rows)
+    lines = ["| run (row blocks of ablation.png) | toy-CLIP score | R-precision |", "| --- | --- | --- |"]
+    lines += [f"| {r['run']} | {r['clip_score']:.3f} | {r['r_precision']:.3f} |" for r in rows]
+    with open(top.file("ablation.md"), "w") as f:
+        f.write(f"Prompt {cfg.prompt!r}, seed {cfg.seed}, {cfg.iters} iterations.\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def check_prompt(cfg):
     """Refuse a prompt outside a toy prior's vocabulary before any model is loaded (one line, exit 2)."""
     vocab = os.path.join(common.resolve_pretrained(cfg.prior), common.TOY_VOCAB_FILE)
@@ -429,6 +457,8 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         check_prompt(cfg)                                  # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
+        if cfg.ablate:
+            return ablate(cfg, prior, device)
         run = common.RunDir(cfg.out, "dreamfusion", cfg.name)
         field, bg_net, step, elapsed, curve = train(cfg, run, prior, device)
         export(cfg, field, bg_net, run, device, step, elapsed, curve)
