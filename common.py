@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 
@@ -189,6 +190,26 @@ def progress(it, **kw):
     """A tqdm progress bar (use `.set_postfix(loss=..)` for live numbers)."""
     from tqdm.auto import tqdm
     return tqdm(it, dynamic_ncols=True, **kw)
+
+
+class CtrlC:
+    """Ctrl-C during a training loop: the first press sets `.hit`, so the loop can finish its step,
+    save a checkpoint and stop; a second press kills as usual."""
+
+    def __init__(self):
+        self.hit = False
+        signal.signal(signal.SIGINT, self._press)
+
+    def _press(self, *_):
+        self.hit = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def close(self, run: "RunDir", step: int):
+        """Restore Ctrl-C; if it was pressed, say where the checkpoint is and exit with code 130."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.hit:
+            print(f"interrupted: checkpoint at step {step} saved in {run.path}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
 
 
 def check_finite(loss: torch.Tensor, step: int):

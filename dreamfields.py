@@ -37,8 +37,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import sys
 import time
 
 import torch
@@ -332,8 +330,7 @@ def train(cfg, run, prior, ev, device):
                              "start_metrics": start_metrics, "rng": common.rng_state()})
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C kills)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    ctrl_c = common.CtrlC()
     bar = common.progress(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"dreamfields {run.path}")
     step = start
     for step in range(start, cfg.iters):
@@ -371,16 +368,13 @@ def train(cfg, run, prior, ev, device):
             curve.append({"step": step, "loss": loss.item(), "clip": -clip_loss.item(), "transmittance": trans})
         if step % cfg.preview_every == 0:
             common.save_image(run.file("preview", f"step_{step:05d}.png"), preview_row(field, cfg, origin, device))
-        if step % cfg.ckpt_every == 0 or interrupted:
+        if step % cfg.ckpt_every == 0 or ctrl_c.hit:
             checkpoint(step)
-        if interrupted:
+        if ctrl_c.hit:
             break
     bar.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     checkpoint(step)
-    if interrupted:
-        print(f"interrupted: checkpoint at step {step} saved in {run.path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    ctrl_c.close(run, step)
     return field, origin, step, elapsed, skipped, start_metrics
 
 

@@ -42,8 +42,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
 import time
 
 import torch
@@ -294,8 +292,7 @@ def train(cfg, run, prior, device):
                              "step": step, "elapsed": elapsed, "curve": curve, "rng": common.rng_state()})
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C kills)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    ctrl_c = common.CtrlC()
     bar = common.progress(range(start, cfg.iters), initial=start, total=cfg.iters, desc="dreamfusion")
     step = start
     for step in range(start, cfg.iters):
@@ -331,16 +328,13 @@ def train(cfg, run, prior, device):
         bar.set_postfix(loss=f"{loss.item():.2f}", opacity=f"{curve[-1]['opacity']:.2f}", mode=mode[:4])
         if step % cfg.preview_every == 0:
             common.save_image(run.file("preview.png"), preview(field, bg_net, cfg, device))
-        if step % cfg.ckpt_every == 0 or interrupted:
+        if step % cfg.ckpt_every == 0 or ctrl_c.hit:
             checkpoint(step)
-        if interrupted:
+        if ctrl_c.hit:
             break
     bar.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     checkpoint(step)
-    if interrupted:
-        print(f"interrupted: checkpoint at step {step} saved in {run.path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    ctrl_c.close(run, step)
     return field, bg_net, step, elapsed, curve
 
 

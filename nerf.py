@@ -21,8 +21,6 @@ DEVIATION: the occupancy mask is dilated by one cell (never skips a cell next to
 import argparse
 import math
 import os
-import signal
-import sys
 import time
 
 import torch
@@ -270,8 +268,7 @@ def train(cfg):
                              "rng": common.rng_state()})
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C kills)
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    ctrl_c = common.CtrlC()
     bar = common.progress(range(start, cfg.iters), initial=start, total=cfg.iters, desc="nerf")
     step = start
     for step in range(start, cfg.iters):
@@ -314,16 +311,13 @@ def train(cfg):
             curve.append({"seconds": round(elapsed, 2), "step": step, **res})
             bar.write(f"[{elapsed:6.1f}s, step {step}] test PSNR {res['psnr']:.2f}  SSIM {res['ssim']:.4f}")
             eval_at = [s for s in eval_at if s > elapsed]
-        if step % cfg.ckpt_every == 0 or interrupted:
+        if step % cfg.ckpt_every == 0 or ctrl_c.hit:
             checkpoint(step)
-        if interrupted or (cfg.time_budget and elapsed >= cfg.time_budget):
+        if ctrl_c.hit or (cfg.time_budget and elapsed >= cfg.time_budget):
             break
     bar.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     checkpoint(step)
-    if interrupted:
-        print(f"interrupted: checkpoint at step {step} saved in {run.path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    ctrl_c.close(run, step)
     return model, run, {"train": train_set, "val": val_set, "test": test_set}, step, elapsed, curve, device
 
 
