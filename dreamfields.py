@@ -105,17 +105,12 @@ AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cub
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="named hyperparameter set")
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {v})")
-        else:
-            p.add_argument(flag, type=type(v), default=None, help=f"(default {v})")
+    common.add_config_flags(p, DEFAULTS, __file__)
     common.add_run_flags(p, default_name="default")
     args = p.parse_args(argv)
-    cfg = {**DEFAULTS, **PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    cfg = vars(common.resolve_config(args, DEFAULTS, PRESETS[args.preset]))
     if cfg["field"] not in ("mlp", "hashgrid"):
         raise common.UserError(f"--field must be mlp or hashgrid, not {cfg['field']!r}")
     if not 0 < cfg["crop_frac"] <= 1 or cfg["n_crops"] < 1:
@@ -452,17 +447,14 @@ def export(cfg, field, origin, run, prior, ev, device, step, elapsed, skipped, s
         frames.append((rgb + (1 - opacity)).permute(1, 2, 0))
     common.save_video(run.file("turntable.mp4"), frames)
     # mesh: marching cubes of the density in the cube, coloured by the field's rgb at the vertices
-    grid = common.grid_points(AABB, cfg.mesh_res).reshape(-1, 3)
-    sigma = torch.cat([field(p.to(device))[0].cpu() for p in grid.split(2 ** 16)])
-    verts, faces = common.marching_cubes(sigma.reshape([cfg.mesh_res] * 3), cfg.mesh_level, AABB)
+    verts, faces, colors = common.density_mesh(lambda x: field(x)[0], lambda x: field(x)[1], AABB,
+                                               cfg.mesh_res, cfg.mesh_level, device, chunk=2 ** 16)
     if len(faces):
-        colors = torch.cat([field(v.to(device))[1].cpu() for v in verts.split(2 ** 16)])
-        faces = faces[:, [0, 2, 1]]                       # outward normals (density rises inwards)
         common.save_ply(run.file("mesh.ply"), verts, colors, faces)
         common.save_obj(run.file("mesh.obj"), verts, faces, colors)
         metrics["mesh"] = {"vertices": len(verts), "faces": len(faces)}
     else:
-        metrics["mesh"] = (f"empty: the density (max {sigma.max():.2f}) never crosses --mesh-level {cfg.mesh_level}; "
+        metrics["mesh"] = (f"empty: the density never crosses --mesh-level {cfg.mesh_level}; "
                            "lower --mesh-level or train longer")
     run.write_json("metrics.json", metrics)
     r = metrics["r_precision"]

@@ -397,17 +397,14 @@ def export(cfg, field, bg_net, run, device, step, elapsed, curve):
                "final_loss": sum(c["loss"] for c in last) / max(len(last), 1),
                "final_opacity": sum(c["opacity"] for c in last) / max(len(last), 1), **evaluate(field, bg_net, cfg, device)}
     # mesh: marching cubes of the density; vertex colours = albedo
-    pts = common.grid_points(AABB, cfg.mesh_res).reshape(-1, 3)
-    sigma = torch.cat([field.density(pts[i:i + 2 ** 16].to(device)).cpu() for i in range(0, len(pts), 2 ** 16)])
-    verts, faces = common.marching_cubes(sigma.reshape([cfg.mesh_res] * 3), cfg.mesh_level, AABB)
+    verts, faces, colors = common.density_mesh(field.density, lambda x: field(x)[1], AABB, cfg.mesh_res,
+                                               cfg.mesh_level, device, chunk=2 ** 16)
     if len(faces):
-        colors = field(verts.to(device))[1].cpu()
-        faces = faces[:, [0, 2, 1]]                       # outward normals (density rises inwards)
         common.save_ply(run.file("mesh.ply"), verts, colors, faces)
         common.save_obj(run.file("mesh.obj"), verts, faces, colors)
         metrics["mesh"] = {"vertices": len(verts), "faces": len(faces)}
     else:
-        metrics["mesh"] = f"empty: the density (max {sigma.max():.3g}) never crosses --mesh-level {cfg.mesh_level}"
+        metrics["mesh"] = f"empty: the density never crosses --mesh-level {cfg.mesh_level}"
     run.write_json("metrics.json", metrics)
     print(f"{step} iterations in {elapsed:.0f} s; CLIP score {metrics.get('clip_score', float('nan')):.3f}, "
           f"R-precision {metrics.get('r_precision', 'n/a')} -> {run.path}")
