@@ -10,6 +10,8 @@ Nothing here knows which paper is calling. Sections, in reading order:
   7. Metrics            PSNR, SSIM
   8. Priors             the CLIP prior (open_clip or the bundled toy), the toy-vocabulary guard
   9. Priors             the diffusion prior (diffusers or the bundled toy): SDS, sampling
+ 10. Text-to-3D         object field (density blob, albedo, normals), background, shading,
+                        orientation loss, shaded volume rendering (DreamFusion, Magic3D)
 
 Conventions: world is z-up; a camera looks down its -z axis with +y up (OpenGL / Blender);
 `c2w` is a camera-to-world matrix (4, 4); images are float tensors in [0, 1], (H, W, 3).
@@ -1531,3 +1533,148 @@ class DiffusionPrior:
             eps_hat = eps_u + guidance * (eps_c - eps_u)
             x = sched.step(eps_hat, t, x).prev_sample
         return self.decode(x)
+
+
+# ================================================================================================
+# 10. Text-to-3D pieces shared by DreamFusion and Magic3D's coarse stage
+# ================================================================================================
+# An object field (density + albedo from position, normals from the density), a background
+# network on the ray direction, shading with a point light, the orientation loss, and a renderer
+# that ties them together (with optional empty-space skipping by an OccupancyGrid).
+
+
+def check_prior_prompt(prior: str, prompt: str):
+    """Refuse a prompt outside a toy diffusion prior's vocabulary before any model is loaded."""
+    vocab = os.path.join(resolve_pretrained(prior), TOY_VOCAB_FILE)
+    if os.path.isfile(vocab):
+        with open(vocab) as f:
+            check_toy_prompt(prompt, json.load(f)["words"], "--prior")
+
+
+class ObjectField(nn.Module):
+    """Density and albedo from position only: Instant-NGP's hash grid + a 1-hidden-layer MLP.
+    log sigma = h_0 + blob_density exp(-|x|^2 / (2 blob_radius^2)) + density_bias (DreamFusion's
+    density "blob", Sec. 3.1; blob_density 0 turns it off); albedo = sigmoid(h_1..3).
+    Points live in the cube |x| <= 1. normals: "fd" (central differences of step fd_eps) or
+    "autograd" (the exact gradient)."""
+
+    def __init__(self, n_levels=8, log2_table=15, base_res=16, max_res=48, width=32, blob_density=5.0,
+                 blob_radius=0.3, density_bias=-2.0, normals="fd", fd_eps=0.03):
+        super().__init__()
+        if normals not in ("fd", "autograd"):
+            raise UserError(f"--normals must be fd or autograd, not {normals!r}")
+        self.blob_density, self.blob_radius, self.density_bias = blob_density, blob_radius, density_bias
+        self.normal_mode, self.fd_eps = normals, fd_eps
+        self.grid = HashGrid(n_levels, 2, log2_table, base_res, max_res)
+        self.net = nn.Sequential(nn.Linear(self.grid.out_dim, width), nn.ReLU(), nn.Linear(width, 4))
+
+    def log_density(self, x: torch.Tensor, h: torch.Tensor = None) -> torch.Tensor:
+        """x (N, 3) -> log sigma (N,); h: the MLP's output (N, 4) if already computed."""
+        h = self.net(self.grid((x + 1) / 2)) if h is None else h
+        blob = self.blob_density * torch.exp(-(x ** 2).sum(-1) / (2 * self.blob_radius ** 2))
+        return h[:, 0] + blob + self.density_bias
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        return trunc_exp(self.log_density(x))
+
+    def albedo(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(self.grid((x + 1) / 2))[:, 1:])
+
+    def forward(self, x: torch.Tensor):
+        """x (N, 3) -> sigma (N,), albedo (N, 3)."""
+        h = self.net(self.grid((x + 1) / 2))
+        return trunc_exp(self.log_density(x, h)), torch.sigmoid(h[:, 1:])
+
+    def normals(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit normals n = -grad sigma / |grad sigma| (N, 3) at x (N, 3), differentiable w.r.t.
+        the field; from the log-density, whose gradient has the same direction."""
+        if self.normal_mode == "fd":
+            e = self.fd_eps * torch.eye(3, device=x.device)                             # (3, 3)
+            ld = self.log_density(torch.cat([x + e[i] for i in range(3)] + [x - e[i] for i in range(3)]))
+            ld = ld.view(2, 3, -1)                                                       # (+/-, axis, N)
+            grad = ((ld[0] - ld[1]) / (2 * self.fd_eps)).T                              # (N, 3)
+        else:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                grad = torch.autograd.grad(self.log_density(x).sum(), x, create_graph=torch.is_grad_enabled())[0]
+        return -F.normalize(grad, dim=-1, eps=1e-12)
+
+
+class Background(nn.Module):
+    """DreamFusion Sec. 3.1: the background colour (R, 3) is a small MLP on the ray direction (R, 3)."""
+
+    def __init__(self, n_freqs: int = 2, width: int = 16):
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), width), nn.ReLU(), nn.Linear(width, 3))
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(positional_encoding(F.normalize(d, dim=-1), self.n_freqs)))
+
+
+def shade(albedo: torch.Tensor, normals: torch.Tensor, light: torch.Tensor, mode: str, ambient: float):
+    """DreamFusion Sec. 3.1: c = rho (ambient + (1 - ambient) max(0, n . l)); "textureless" sets
+    rho = 1 (white), "albedo" returns rho. albedo, normals (N, 3); light (3,) unit."""
+    if mode == "albedo":
+        return albedo
+    rho = torch.ones_like(albedo) if mode == "textureless" else albedo
+    return rho * (ambient + (1 - ambient) * (normals @ light).clamp(min=0)[:, None])
+
+
+def random_light(cam_pos: torch.Tensor, jitter: float, generator=None) -> torch.Tensor:
+    """DreamFusion Sec. 3.1: a point light near the camera, normalize(cam_pos + N(0, jitter^2 I))."""
+    return F.normalize(cam_pos + jitter * torch.randn(3, generator=generator), dim=-1)
+
+
+def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Ref-NeRF / DreamFusion: sum_i stopgrad(w_i) max(0, n_i . d)^2 per ray, mean over rays.
+    weights (R, S); normals (R, S, 3); dirs (R, 3) unit, pointing away from the camera."""
+    nd = (normals * dirs[:, None, :]).sum(-1)                                        # (R, S)
+    return (weights.detach() * nd.clamp(min=0) ** 2).sum(-1).mean()
+
+
+def render_object(field: ObjectField, rays_o: torch.Tensor, rays_d: torch.Tensor, light: torch.Tensor,
+                  mode: str, background: torch.Tensor, n_samples: int, perturb: bool, ambient: float,
+                  normal_min_weight: float = 1e-2, need_orient: bool = True, occupancy: OccupancyGrid = None):
+    """Volume-render an ObjectField inside the cube |x| <= 1 with shading `mode` (albedo |
+    lambertian | textureless | all) over `background` (R, 3). rays_o, rays_d (R, 3).
+    Normals are computed only where the compositing weight exceeds normal_min_weight (elsewhere
+    they add nothing to the colour or the orientation loss) and only when the shading or the
+    orientation loss needs them. With an `occupancy` grid, samples in empty cells are skipped.
+    Returns rgb (R, 3), opacity (R,), weights (R, S), orient (scalar) and, for "all", the
+    lambertian, textureless and normal maps (R, 3) too."""
+    R, S = rays_o.shape[0], n_samples
+    d = F.normalize(rays_d, dim=-1)
+    near, far = ray_aabb(rays_o, d, torch.tensor([[-1.0] * 3, [1.0] * 3], device=rays_o.device))
+    far = torch.maximum(far, near.clamp(min=0))                                       # a miss: zero length
+    near = near.clamp(min=0)
+    t = stratified_samples(near[:, None], far[:, None], R, S, perturb, rays_o.device)  # (R, S)
+    pts = rays_o[:, None] + t[..., None] * d[:, None]                                 # (R, S, 3)
+    if occupancy is None:
+        sigma, albedo = field(pts.reshape(-1, 3))
+        sigma, albedo = sigma.view(R, S), albedo.view(R, S, 3)
+    else:                                                   # evaluate the occupied samples only
+        keep = occupancy.query(pts)                                                   # (R, S)
+        s, a = field(pts[keep])
+        sigma = torch.zeros(R, S, device=t.device, dtype=s.dtype).masked_scatter(keep, s)
+        albedo = torch.zeros(R, S, 3, device=t.device, dtype=a.dtype).masked_scatter(keep[..., None].expand(R, S, 3), a)
+    out = composite(sigma, albedo, ((far - near) / S)[:, None].expand(R, S))
+    w = out["weights"]                                                                # (R, S)
+    n = torch.zeros(R, S, 3, device=rays_o.device)
+    if mode != "albedo" or need_orient:
+        sel = w.detach() > normal_min_weight
+        n = n.masked_scatter(sel[..., None].expand(R, S, 3), field.normals(pts[sel]))
+    res = {"opacity": out["opacity"], "weights": w,
+           "orient": orientation_loss(w, n, d) if need_orient else torch.zeros((), device=t.device)}
+    bg = (1 - out["opacity"])[:, None] * background
+
+    def composite_colour(m):
+        c = shade(albedo.reshape(-1, 3), n.view(-1, 3), light, m, ambient).view(R, S, 3)
+        return (w[..., None] * c).sum(1) + bg
+
+    if mode == "all":
+        res.update({m: composite_colour(m) for m in ("lambertian", "textureless")})
+        res["normals"] = (w[..., None] * (n + 1) / 2).sum(1) + bg
+        mode = "albedo"
+    res["rgb"] = composite_colour(mode)
+    return res

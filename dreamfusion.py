@@ -17,7 +17,8 @@ distillation sampling (Eq. 3) through common.DiffusionPrior, the regularisers (o
 the training loop (Adam), evaluation and export.
 
 DEVIATION: the field is Instant-NGP's hash grid (common.HashGrid) + a 1-hidden-layer MLP (paper:
-  mip-NeRF 360's MLP), as in the open reimplementations; plain PyTorch, no occupancy grid.
+  mip-NeRF 360's MLP), as in the open reimplementations; plain PyTorch. An occupancy grid (Instant-NGP)
+  skips empty space while training (--no-occupancy to turn it off); evaluation renders every sample.
 DEVIATION: normals are evaluated only at samples whose compositing weight exceeds --normal-min-weight
   (the others add nothing to the shaded colour or to the orientation loss), and from the gradient of
   the log-density (the same direction as the gradient of sigma, without its huge magnitudes).
@@ -45,7 +46,6 @@ import random
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -78,6 +78,9 @@ DEFAULTS = dict(
     normals="fd",             # fd (central finite differences) | autograd
     fd_eps=0.03,              # finite-difference step (about one finest grid cell)
     normal_min_weight=1e-2,   # normals only where the compositing weight exceeds this (see DEVIATION)
+    occupancy=True,           # skip empty space with an occupancy grid while training (Instant-NGP)
+    grid_res=32,              # occupancy grid resolution over the cube
+    grid_every=16,            # refresh the occupancy grid every this many steps
     # --- rendering and shading ---
     size=32,                  # render size in pixels (square)
     n_samples=32,             # stratified samples per ray inside the cube |x| <= 1
@@ -129,130 +132,35 @@ def parse_args(argv=None):
     common.add_run_flags(p, default_name="default")
     args = p.parse_args(argv)
     cfg = common.resolve_config(args, DEFAULTS, PRESETS[args.preset])
-    if cfg.normals not in ("fd", "autograd"):
-        raise common.UserError(f"--normals must be fd or autograd, not {cfg.normals!r}")
     if not 0 <= cfg.t_min < cfg.t_max <= 1:
         raise common.UserError("--t-min / --t-max must satisfy 0 <= t_min < t_max <= 1")
     return cfg
 
 
 # ================================================================================================
-# The field (Sec. 3.1): density sigma = exp(h + blob(x)) and albedo = sigmoid(...), from position only
+# The field (Sec. 3.1): density sigma = exp(h + blob(x)) and albedo = sigmoid(...), from position only;
+# the background network; shading and the orientation loss live in common.py (Magic3D shares them)
 # ================================================================================================
-class Field(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.grid = common.HashGrid(cfg.n_levels, 2, cfg.log2_table, cfg.base_res, cfg.max_res)
-        self.net = nn.Sequential(nn.Linear(self.grid.out_dim, cfg.width), nn.ReLU(), nn.Linear(cfg.width, 4))
-
-    def log_density(self, x, h=None):
-        """x (N, 3) -> log sigma (N,): the network's output + blob a exp(-|x|^2 / (2 s^2)) + bias."""
-        h = self.net(self.grid((x + 1) / 2)) if h is None else h
-        bias = self.cfg.density_bias
-        if self.cfg.blob:
-            bias = bias + self.cfg.blob_density * torch.exp(-(x ** 2).sum(-1) / (2 * self.cfg.blob_radius ** 2))
-        return h[:, 0] + bias
-
-    def density(self, x):
-        return common.trunc_exp(self.log_density(x))
-
-    def forward(self, x):
-        """x (N, 3) -> sigma (N,), albedo (N, 3)."""
-        h = self.net(self.grid((x + 1) / 2))
-        return common.trunc_exp(self.log_density(x, h)), torch.sigmoid(h[:, 1:])
-
-    def normals(self, x):
-        """Unit normals n = -grad sigma / |grad sigma| at x (N, 3) (differentiable w.r.t. the field)."""
-        if self.cfg.normals == "fd":
-            e = self.cfg.fd_eps * torch.eye(3, device=x.device)                         # (3, 3)
-            ld = self.log_density(torch.cat([x + e[i] for i in range(3)] + [x - e[i] for i in range(3)]))
-            ld = ld.view(2, 3, -1)                                                       # (+/-, axis, N)
-            grad = ((ld[0] - ld[1]) / (2 * self.cfg.fd_eps)).T                          # (N, 3)
-        else:
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                grad = torch.autograd.grad(self.log_density(x).sum(), x, create_graph=torch.is_grad_enabled())[0]
-        return -F.normalize(grad, dim=-1, eps=1e-12)
-
-
-class Background(nn.Module):
-    """Sec. 3.1: the background colour is a small MLP on the ray direction."""
-
-    def __init__(self, n_freqs=2, width=16):
-        super().__init__()
-        self.n_freqs = n_freqs
-        self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), width), nn.ReLU(), nn.Linear(width, 3))
-
-    def forward(self, d):
-        return torch.sigmoid(self.net(common.positional_encoding(F.normalize(d, dim=-1), self.n_freqs)))
+def build_field(cfg) -> common.ObjectField:
+    """common.ObjectField: hash grid + MLP, log-density + blob a exp(-|x|^2 / (2 s^2)) + bias."""
+    return common.ObjectField(cfg.n_levels, cfg.log2_table, cfg.base_res, cfg.max_res, cfg.width,
+                              cfg.blob_density if cfg.blob else 0.0, cfg.blob_radius, cfg.density_bias,
+                              cfg.normals, cfg.fd_eps)
 
 
 # ================================================================================================
 # Rendering and shading (Sec. 3.1): volume rendering of the albedo, shaded per sample
+# (common.render_object: c = rho (ambient + (1 - ambient) max(0, n . l)), normals from the density)
 # ================================================================================================
-def shade(albedo, normals, light, mode: str, ambient: float):
-    """Sec. 3.1: c = rho * (ambient + (1 - ambient) max(0, n . l)); textureless sets rho = 1 (white),
-    albedo-only returns rho. albedo, normals (N, 3); light (3,) unit."""
-    if mode == "albedo":
-        return albedo
-    rho = torch.ones_like(albedo) if mode == "textureless" else albedo
-    return rho * (ambient + (1 - ambient) * (normals @ light).clamp(min=0)[:, None])
-
-
-def orientation_loss(weights, normals, dirs):
-    """Ref-NeRF / DreamFusion: sum_i stopgrad(w_i) max(0, n_i . d)^2 per ray, averaged over rays.
-    weights (R, S); normals (R, S, 3); dirs (R, 3) unit, pointing away from the camera."""
-    nd = (normals * dirs[:, None, :]).sum(-1)                                        # (R, S)
-    return (weights.detach() * nd.clamp(min=0) ** 2).sum(-1).mean()
-
-
-def render(field, cfg, rays_o, rays_d, light, mode: str, background, perturb: bool):
-    """Render rays (R, 3) with shading `mode` (albedo | lambertian | textureless | all) over
-    `background` (R, 3). Returns rgb (R, 3), opacity (R,), orient (scalar loss) and, for mode
-    "all", lambertian, textureless and normal maps (R, 3) each (the turntables)."""
-    R, S = rays_o.shape[0], cfg.n_samples
-    d = F.normalize(rays_d, dim=-1)
-    near, far = common.ray_aabb(rays_o, d, AABB.to(rays_o.device))
-    far = torch.maximum(far, near.clamp(min=0))                                       # a miss: zero length
-    near = near.clamp(min=0)
-    t = common.stratified_samples(near[:, None], far[:, None], R, S, perturb, rays_o.device)   # (R, S)
-    pts = rays_o[:, None] + t[..., None] * d[:, None]                                 # (R, S, 3)
-    sigma, albedo = field(pts.reshape(-1, 3))
-    deltas = ((far - near) / S)[:, None].expand(R, S)
-    out = common.composite(sigma.view(R, S), albedo.view(R, S, 3), deltas)
-    w = out["weights"]                                                                # (R, S)
-    n = torch.zeros(R, S, 3, device=rays_o.device)
-    sel = w.detach() > cfg.normal_min_weight
-    if mode != "albedo" or cfg.lambda_orient > 0:
-        n = n.masked_scatter(sel[..., None].expand(R, S, 3), field.normals(pts[sel]))
-    res = {"opacity": out["opacity"], "orient": orientation_loss(w, n, d)}
-    bg = (1 - out["opacity"])[:, None] * background
-
-    def composite_colour(m):
-        c = shade(albedo, n.view(-1, 3), light, m, cfg.ambient).view(R, S, 3)
-        return (w[..., None] * c).sum(1) + bg
-
-    if mode == "all":
-        res.update({m: composite_colour(m) for m in ("lambertian", "textureless")})
-        res["normals"] = (w[..., None] * (n + 1) / 2).sum(1) + bg
-        mode = "albedo"
-    res["rgb"] = composite_colour(mode)
-    return res
-
-
-def render_view(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, perturb=False):
+def render_view(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, perturb=False, occupancy=None):
     """One camera -> dict of (size, size, 3) images (and opacity (size, size)); bg None: the bg net."""
     rays_o, rays_d = common.get_rays(size, size, common.focal_from_fov(fov, size), c2w)
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     background = bg_net(rays_d) if bg is None else bg.expand(rays_d.shape[0], 3)
-    out = render(field, cfg, rays_o, rays_d, light, mode, background, perturb)
+    out = common.render_object(field, rays_o, rays_d, light, mode, background, cfg.n_samples, perturb,
+                               cfg.ambient, cfg.normal_min_weight, cfg.lambda_orient > 0, occupancy)
+    out.pop("weights")
     return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
-
-
-def random_light(cam_pos, jitter: float, generator=None):
-    """Sec. 3.1: a point light near the camera: l = normalize(camera position + N(0, jitter^2 I))."""
-    return F.normalize(cam_pos + jitter * torch.randn(3, generator=generator), dim=-1)
 
 
 def pick_shading(step: int, cfg, u: float) -> str:
@@ -274,13 +182,16 @@ def view_prompt(prompt: str, elevation: float, azimuth: float, on: bool = True) 
 # ================================================================================================
 def train(cfg, run, prior, device):
     common.seed_everything(cfg.seed)
-    field, bg_net = Field(cfg).to(device), Background().to(device)
+    field, bg_net = build_field(cfg).to(device), common.Background().to(device)
     params = list(field.parameters()) + list(bg_net.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
+    # a cell is empty when one step through it would absorb < 1% (alpha = 1 - exp(-sigma dt))
+    grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume:
         ck = run.load_checkpoint(map_location=device)
         field.load_state_dict(ck["field"]), bg_net.load_state_dict(ck["bg"]), opt.load_state_dict(ck["opt"])
+        grid.load_state_dict(ck["grid"])
         start, elapsed, curve = ck["step"], ck["elapsed"], ck["curve"]
         common.set_rng_state(ck["rng"])
     elif run.exists("checkpoint.pt"):
@@ -289,7 +200,7 @@ def train(cfg, run, prior, device):
 
     def checkpoint(step):
         run.save_checkpoint({"field": field.state_dict(), "bg": bg_net.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "elapsed": elapsed, "curve": curve, "rng": common.rng_state()})
+                             "grid": grid.state_dict(), "step": step, "elapsed": elapsed, "curve": curve, "rng": common.rng_state()})
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C kills)
     ctrl_c = common.CtrlC()
@@ -300,13 +211,13 @@ def train(cfg, run, prior, device):
         # --- 1. a random camera, a light near it, a shading mode, a background ---
         cam = common.sample_cameras(1, (cfg.radius_min, cfg.radius_max), (cfg.elev_min, cfg.elev_max),
                                     fov=(cfg.fov_min, cfg.fov_max))
-        light = random_light(cam["c2w"][0, :3, 3], cfg.light_jitter).to(device)
+        light = common.random_light(cam["c2w"][0, :3, 3], cfg.light_jitter).to(device)
         mode = pick_shading(step, cfg, random.random())
         bg = None if cfg.bg_net and random.random() >= cfg.p_random_bg else \
             (torch.rand(3) if cfg.bg_net else torch.ones(3)).to(device)
         # --- 2. render ---
         out = render_view(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
-                          light, bg, perturb=True)
+                          light, bg, perturb=True, occupancy=grid if cfg.occupancy else None)
         image = out["rgb"].permute(2, 0, 1)[None]                                    # (1, 3, S, S)
         # --- 3. score distillation (Eq. 3) with the view-dependent prompt (Sec. 3.2) ---
         el, az = cam["elevation"].item(), cam["azimuth"].item()
@@ -319,6 +230,8 @@ def train(cfg, run, prior, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cfg.occupancy and (step + 1) % cfg.grid_every == 0:    # NGP: EMA of the density, new mask
+            grid.update(field.density)
         elapsed += time.perf_counter() - t0
         step += 1
         # --- 5. log, preview, checkpoint ---
@@ -437,21 +350,13 @@ def ablate(cfg, prior, device):
     print("\n".join(lines))
 
 
-def check_prompt(cfg):
-    """Refuse a prompt outside a toy prior's vocabulary before any model is loaded (one line, exit 2)."""
-    vocab = os.path.join(common.resolve_pretrained(cfg.prior), common.TOY_VOCAB_FILE)
-    if os.path.isfile(vocab):
-        with open(vocab) as f:
-            common.check_toy_prompt(cfg.prompt, json.load(f)["words"], "--prior")
-
-
 def main(argv=None):
     with common.cli_errors():
         cfg = parse_args(argv)
         device = common.pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        check_prompt(cfg)                                  # a bad prompt stops here, nothing written
+        common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
         if cfg.ablate:
             return ablate(cfg, prior, device)

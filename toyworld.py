@@ -193,6 +193,39 @@ def sdf_samples(shape: str, n: int, generator=None):
     return xyz, SDFS[shape](xyz)
 
 
+def chamfer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Symmetric Chamfer distance between point sets a (N, 3) and b (M, 3): the mean distance
+    from each point to the nearest point of the other set, averaged over both directions."""
+    d = torch.cdist(a[None].float(), b[None].float())[0]                              # (N, M)
+    return (d.amin(1).mean() + d.amin(0).mean()) / 2
+
+
+def classify(points: torch.Tensor, colours: torch.Tensor, n: int = 800, generator=None) -> dict:
+    """Which toy caption does a generated object show? points (N, 3) on its surface (mesh
+    vertices or a point cloud, z up), colours (N, 3) in [0, 1]. Shape: centre the points on their
+    bounding box and compare with each canonical shape by the Chamfer distance in its canonical
+    frame, minimised over size (x0.5-1.5) and, for the cube (the others turn about z), yaw. Colour: the nearest albedo to the
+    per-channel median colour. Returns {"shape", "colour", "caption", "chamfer": {shape: d}}."""
+    g = generator or torch.Generator().manual_seed(0)
+    if len(points) > n:
+        pick = torch.randperm(len(points), generator=g)[:n]
+        points, colours = points[pick], colours[pick]
+    p = points.float() - (points.amax(0) + points.amin(0)).float() / 2                 # (n, 3)
+    best = {}
+    for shape in SHAPES:
+        ref = surface_points(shape, "red", n, g)[0]
+        scores = []
+        for yaw in (torch.arange(0.0, 90.0, 15.0).tolist() if shape == "cube" else [0.0]):
+            q = to_object(p, torch.full((len(p),), math.radians(yaw)), torch.ones(len(p)))
+            for scale in torch.linspace(0.5, 1.5, 11).tolist():
+                scores.append(chamfer(q / scale, ref).item())
+        best[shape] = min(scores)
+    shape = min(best, key=best.get)
+    med = colours.float().median(0).values
+    colour = list(COLOURS)[int((ALBEDO - med).norm(dim=-1).argmin())]
+    return {"shape": shape, "colour": colour, "caption": f"a {colour} {shape}", "chamfer": best}
+
+
 # ================================================================================================
 # 2. The renderer: sphere tracing + lambertian shading
 # ================================================================================================

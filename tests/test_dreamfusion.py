@@ -20,7 +20,7 @@ def small_cfg(*flags):
 
 def blob_only_field(cfg):
     """A field whose network outputs zero: log-density = blob + bias, albedo = sigmoid(0) = 0.5."""
-    field = df.Field(cfg)
+    field = df.build_field(cfg)
     with torch.no_grad():
         field.net[-1].weight.zero_(), field.net[-1].bias.zero_()
     return field
@@ -32,17 +32,17 @@ def test_shading_modes_against_the_formula():
     normals = F.normalize(torch.randn(50, 3, generator=g), dim=-1)
     light = F.normalize(torch.randn(3, generator=g), dim=0)
     a = 0.2
-    assert torch.equal(df.shade(albedo, normals, light, "albedo", a), albedo)
-    lam = df.shade(albedo, normals, light, "lambertian", a)
-    tex = df.shade(albedo, normals, light, "textureless", a)
+    assert torch.equal(common.shade(albedo, normals, light, "albedo", a), albedo)
+    lam = common.shade(albedo, normals, light, "lambertian", a)
+    tex = common.shade(albedo, normals, light, "textureless", a)
     for i in range(50):   # naive per-point reference
         ndl = max(0.0, float(sum(normals[i, k] * light[k] for k in range(3))))
         assert torch.allclose(lam[i], albedo[i] * (a + (1 - a) * ndl), atol=1e-6)
         assert torch.allclose(tex[i], torch.full((3,), a + (1 - a) * ndl), atol=1e-6)   # grey: white albedo
     # facing away from the light: ambient only; facing it: full albedo / white
     n = torch.stack([-light, light])
-    assert torch.allclose(df.shade(albedo[:2], n, light, "lambertian", a), albedo[:2] * torch.tensor([[a], [1.0]]))
-    assert torch.allclose(df.shade(albedo[:2], n, light, "textureless", a), torch.tensor([[a] * 3, [1.0] * 3]))
+    assert torch.allclose(common.shade(albedo[:2], n, light, "lambertian", a), albedo[:2] * torch.tensor([[a], [1.0]]))
+    assert torch.allclose(common.shade(albedo[:2], n, light, "textureless", a), torch.tensor([[a] * 3, [1.0] * 3]))
 
 
 def test_textureless_render_is_grey_and_lambertian_follows_the_light():
@@ -73,7 +73,7 @@ def test_normals_of_the_blob_point_outwards(mode):
 
 def test_fd_normals_carry_gradient_to_the_field():
     cfg = small_cfg()
-    field = df.Field(cfg)
+    field = df.build_field(cfg)
     field.normals(torch.rand(32, 3) - 0.5)[:, 0].sum().backward()
     assert field.grid.table.grad.abs().sum() > 0
 
@@ -82,10 +82,10 @@ def test_orientation_loss_on_a_hand_made_case():
     d = torch.tensor([[0.0, 0.0, -1.0]])                                  # looking down -z
     normals = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [0.0, 0.6, -0.8]]])   # facing, away, slanted away
     w = torch.tensor([[0.5, 0.3, 0.2]], requires_grad=True)
-    loss = df.orientation_loss(w, normals, d)
+    loss = common.orientation_loss(w, normals, d)
     assert torch.isclose(loss, torch.tensor(0.5 * 0.0 + 0.3 * 1.0 + 0.2 * 0.8 ** 2))
     n = normals.clone().requires_grad_(True)
-    df.orientation_loss(w, n, d).backward()
+    common.orientation_loss(w, n, d).backward()
     assert w.grad is None                                                 # stopgrad on the weights
     assert torch.allclose(n.grad[0, 1], 2 * 0.3 * 1.0 * d[0])            # d/dn w (n.d)^2 = 2 w (n.d) d
 
@@ -108,24 +108,40 @@ def test_shading_schedule():
 def test_blob_makes_the_density_highest_at_the_origin():
     cfg = small_cfg()
     torch.manual_seed(0)
-    field = df.Field(cfg)
+    field = df.build_field(cfg)
     pts = common.grid_points(df.AABB, 21).reshape(-1, 3)                  # includes the origin
     with torch.no_grad():
         sigma = field.density(pts)
     assert pts[sigma.argmax()].abs().max() < 1e-6
     assert sigma.max() > 20 * sigma.median()
-    no_blob = df.Field(small_cfg("--no-blob"))
+    no_blob = df.build_field(small_cfg("--no-blob"))
     with torch.no_grad():
         assert no_blob.density(pts).max() < 2 * no_blob.density(pts).min()
+
+
+def test_occupancy_grid_skips_only_empty_space():
+    """Rendering with the occupancy grid (after an update) matches rendering every sample."""
+    cfg = small_cfg("--density-bias", "-8")        # empty space: sigma = e^-8, far below the threshold
+    torch.manual_seed(0)
+    field = blob_only_field(cfg)
+    grid = common.OccupancyGrid(df.AABB, 16, threshold=0.01 * cfg.n_samples / 2)
+    grid.update(field.density)
+    assert 0 < grid.mask.float().mean() < 0.5                               # most of the cube is skipped
+    c2w, light = common.pose_spherical(3.5, 20.0, 30.0), torch.tensor([0.0, 0.0, 1.0])
+    with torch.no_grad():
+        full = df.render_view(field, None, cfg, c2w, 40.0, 16, "all", light, torch.ones(3))
+        fast = df.render_view(field, None, cfg, c2w, 40.0, 16, "all", light, torch.ones(3), occupancy=grid)
+    for k in ("rgb", "lambertian", "opacity"):
+        assert torch.allclose(full[k], fast[k], atol=2e-3), k
 
 
 def test_one_sds_step_with_the_toy_prior_reaches_the_field():
     cfg = small_cfg()
     torch.manual_seed(0)
     prior = common.DiffusionPrior("toy")
-    field, bg = df.Field(cfg), df.Background()
+    field, bg = df.build_field(cfg), common.Background()
     cam = common.sample_cameras(1, (3.0, 4.0), (-10.0, 80.0), fov=(35.0, 45.0))
-    light = df.random_light(cam["c2w"][0, :3, 3], 1.0)
+    light = common.random_light(cam["c2w"][0, :3, 3], 1.0)
     out = df.render_view(field, bg, cfg, cam["c2w"][0], cam["fov"].item(), 16, "lambertian", light, None, True)
     loss, info = prior.sds_loss(out["rgb"].permute(2, 0, 1)[None], cfg.prompt, cam["elevation"].item(),
                                 cam["azimuth"].item(), guidance=cfg.guidance)

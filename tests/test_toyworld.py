@@ -113,3 +113,27 @@ def test_random_renders_reproducible_and_held_out_differs():
     assert 0 <= a.min() and a.max() <= 1 and not torch.equal(a, c)
     w, _ = tw.random_renders(4, 32, seed=1, background="white")
     assert torch.all(w[:, :, 0, 0] == 1)
+
+
+def test_chamfer_against_a_brute_force_loop():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(17, 3, generator=g), torch.rand(11, 3, generator=g)
+    ab = sum(min(float((p - q).norm()) for q in b) for p in a) / len(a)
+    ba = sum(min(float((p - q).norm()) for q in a) for p in b) / len(b)
+    assert abs(tw.chamfer(a, b).item() - (ab + ba) / 2) < 1e-5
+    assert tw.chamfer(a, a).item() < 1e-6
+
+
+def test_classify_names_posed_noisy_objects():
+    """Each shape, turned, resized, shifted, with noisy points and colours, is named right."""
+    g = torch.Generator().manual_seed(3)
+    for k, shape in enumerate(tw.SHAPES):
+        colour = list(tw.COLOURS)[k % 6]
+        xyz, rgb = tw.surface_points(shape, colour, 2000, g)
+        n = len(xyz)
+        xyz = tw.to_object(xyz, torch.full((n,), -0.5), torch.full((n,), 1 / 1.2)) + torch.tensor([0.1, -0.2, 0.05])
+        xyz = xyz + 0.01 * torch.randn(n, 3, generator=g)
+        rgb = (rgb + 0.05 * torch.randn(n, 3, generator=g)).clamp(0, 1)
+        r = tw.classify(xyz, rgb)
+        assert r["caption"] == f"a {colour} {shape}", r
+        assert r["chamfer"][shape] < 0.05
