@@ -60,7 +60,7 @@ PRESETS = {
     # The paper's setting (App. A) with a hash grid: 64 px renders, 15k steps, albedo-only for the first 2k.
     "paper": dict(size=64, n_samples=128, n_levels=16, log2_table=19, max_res=2048, iters=15_000,
                   albedo_iters=2000, mesh_res=256, threads=0, guidance=100.0, ambient=0.1, lambda_orient=1e-2,
-                  fd_eps=1e-2),
+                  fd_eps=1e-2, compile=True),
 }
 DEFAULTS = dict(
     prompt="a red cube",      # the text the object should match (a view suffix is appended per camera)
@@ -121,6 +121,7 @@ DEFAULTS = dict(
     ckpt_every=100,           # save a checkpoint every this many steps
     ablate=False,             # run each trick off in turn (same seed) and write ablation.png/.md/.json
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
+    compile=False,            # torch.compile the prior's UNet (as a CUDA graph) and VAE encoder (GPU)
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
 
@@ -358,6 +359,8 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
+        if cfg.compile:
+            prior.compile()
         if cfg.ablate:
             return ablate(cfg, prior, device)
         run = common.RunDir(cfg.out, "dreamfusion", cfg.name)

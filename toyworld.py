@@ -200,6 +200,18 @@ def chamfer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (d.amin(1).mean() + d.amin(0).mean()) / 2
 
 
+def load_ply(path: str):
+    """Vertices (N, 3) and colours (N, 3) in [0, 1] of an ASCII PLY written by common.save_ply."""
+    with open(path) as f:
+        header = []
+        while not header or header[-1] != "end_header":
+            header.append(f.readline().strip())
+        n = next(int(h.split()[-1]) for h in header if h.startswith("element vertex"))
+        rows = torch.tensor([[float(v) for v in f.readline().split()] for _ in range(n)])
+    colours = rows[:, 3:6] / 255.0 if rows.shape[1] >= 6 else torch.full((n, 3), 0.5)
+    return rows[:, :3], colours
+
+
 def classify(points: torch.Tensor, colours: torch.Tensor, n: int = 800, generator=None) -> dict:
     """Which toy caption does a generated object show? points (N, 3) on its surface (mesh
     vertices or a point cloud, z up), colours (N, 3) in [0, 1]. Shape: centre the points on their
