@@ -19,6 +19,7 @@ Conventions: world is z-up; a camera looks down its -z axis with +y up (OpenGL /
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -237,16 +238,21 @@ def save_image(path: str, img):
         iio.imwrite(tmp, to_uint8(img), extension=".png")
 
 
-def save_video(path: str, frames, fps: int = 24):
-    """Write a list of (H, W, 3) frames in [0, 1] as .mp4 (or .gif by the extension)."""
+def save_video(path: str, frames, fps: int = 24) -> str:
+    """Write a list of (H, W, 3) frames in [0, 1] as .mp4 (or .gif by the extension); without
+    ffmpeg (the imageio-ffmpeg package) an .mp4 becomes a .gif beside it. Returns the path written."""
     import imageio.v2 as iio2
     ext = os.path.splitext(path)[1]
+    if ext != ".gif" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        print(f"note: imageio-ffmpeg is not installed; writing {os.path.basename(path)} as a .gif", file=sys.stderr)
+        path, ext = os.path.splitext(path)[0] + ".gif", ".gif"
     frames = [to_uint8(f) for f in frames]
     with atomic_path(path) as tmp:
         if ext == ".gif":
             iio2.mimsave(tmp, frames, format="GIF", duration=1000 / fps, loop=0)
         else:
             iio2.mimsave(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=1)
+    return path
 
 
 def save_ply(path: str, points, colors=None, faces=None):

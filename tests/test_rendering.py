@@ -230,3 +230,13 @@ def test_density_mesh_faces_point_out_of_the_dense_region():
     normals = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
     assert ((normals * tri.mean(1)).sum(-1) > 0).float().mean() > 0.99
     assert torch.allclose(colors, (verts + 1) / 2)
+
+
+def test_save_video_writes_a_gif_when_ffmpeg_is_missing(tmp_path, monkeypatch):
+    import imageio.v2 as iio2
+    frames = [torch.full((8, 8, 3), k / 3) for k in range(4)]
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    written = common.save_video(str(tmp_path / "turn.mp4"), frames)
+    assert written.endswith("turn.gif") and not (tmp_path / "turn.mp4").exists()
+    back = iio2.mimread(written)
+    assert len(back) == 4 and abs(float(back[2][..., :3].mean()) - 2 / 3 * 255) < 2
