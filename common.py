@@ -651,22 +651,45 @@ class OccupancyGrid(nn.Module):
         return inside & self.mask[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
 
 
+def composite_packed(sigma: torch.Tensor, rgb: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor,
+                     ray: torch.Tensor, n_rays: int, background=None) -> dict:
+    """composite() for samples packed ray after ray (what empty-space skipping leaves): no
+    (R, S) tensors, so skipped samples cost nothing. sigma, deltas, t (N,); rgb (N, 3);
+    ray (N,) the ray of each sample, non-decreasing, samples in marching order within a ray.
+    Returns rgb (R, 3), depth (R,), opacity (R,) and weights (N,)."""
+    tau = (sigma * deltas).double()                          # fp64: the running sum spans all rays
+    before = tau.cumsum(0) - tau                             # sum of tau over all earlier samples
+    counts = torch.bincount(ray, minlength=n_rays)
+    first = (counts.cumsum(0) - counts).clamp(max=max(len(tau) - 1, 0))   # each ray's first sample
+    start = before[first] if len(tau) else before.new_zeros(n_rays)
+    trans = torch.exp(-(before - start[ray])).to(sigma.dtype)  # T_i = exp(-sum_{j<i, same ray} tau_j)
+    weights = trans * (1.0 - torch.exp(-sigma * deltas))      # w_i = T_i alpha_i
+    zeros = torch.zeros(n_rays, device=sigma.device, dtype=weights.dtype)
+    opacity = zeros.index_add(0, ray, weights)
+    out = {"rgb": torch.zeros(n_rays, 3, device=sigma.device, dtype=weights.dtype).index_add(0, ray, weights[:, None] * rgb),
+           "depth": zeros.index_add(0, ray, weights * t), "opacity": opacity, "weights": weights}
+    if background is not None:
+        out["rgb"] = out["rgb"] + (1.0 - opacity)[:, None] * background
+    return out
+
+
 def render_rays(field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor,
                 deltas: torch.Tensor, mask: torch.Tensor = None, background=None) -> dict:
     """Evaluate `field(x (N, 3), d (N, 3)) -> (sigma (N,), rgb (N, 3))` at the samples
     o + t d (R, S) and composite them. With a boolean `mask` (R, S) only the masked samples are
-    evaluated (empty space skipping); the others have zero density. Returns composite()'s dict."""
+    evaluated and composited, packed (empty space skipping: composite_packed, weights (N,));
+    without, composite()'s dict."""
     R, S = t.shape
-    pts = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]              # (R, S, 3)
-    dirs = F.normalize(rays_d, dim=-1)[:, None, :].expand(R, S, 3)
     if mask is None:
+        pts = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]          # (R, S, 3)
+        dirs = F.normalize(rays_d, dim=-1)[:, None, :].expand(R, S, 3)
         sigma, rgb = field(pts.reshape(-1, 3), dirs.reshape(-1, 3))
-        sigma, rgb = sigma.reshape(R, S), rgb.reshape(R, S, 3)
-    else:
-        s, c = field(pts[mask], dirs[mask])
-        sigma = torch.zeros(R, S, device=t.device, dtype=s.dtype).masked_scatter(mask, s)
-        rgb = torch.zeros(R, S, 3, device=t.device, dtype=c.dtype).masked_scatter(mask[..., None].expand(R, S, 3), c)
-    return composite(sigma, rgb, deltas, t, background)
+        return composite(sigma.reshape(R, S), rgb.reshape(R, S, 3), deltas, t, background)
+    ray, step = mask.nonzero(as_tuple=True)                                     # (N,) each, ray-major
+    ts = t[ray, step]
+    pts = rays_o[ray] + ts[:, None] * rays_d[ray]                               # (N, 3)
+    sigma, rgb = field(pts, F.normalize(rays_d, dim=-1)[ray])
+    return composite_packed(sigma, rgb, deltas[ray, step], ts, ray, R, background)
 
 
 # ================================================================================================

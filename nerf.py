@@ -197,7 +197,7 @@ def render(model, rays_o, rays_d, near, far, train: bool):
 
 
 @torch.no_grad()
-def render_image(model, c2w, H, W, focal, near, far, chunk=2 ** 14):
+def render_image(model, c2w, H, W, focal, near, far, chunk=2 ** 15):
     """A whole image (H, W, 3) and its depth (H, W) from one camera, rendered in chunks."""
     rays_o, rays_d = common.get_rays(H, W, focal, c2w)
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)

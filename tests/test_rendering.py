@@ -240,3 +240,25 @@ def test_save_video_writes_a_gif_when_ffmpeg_is_missing(tmp_path, monkeypatch):
     assert written.endswith("turn.gif") and not (tmp_path / "turn.mp4").exists()
     back = iio2.mimread(written)
     assert len(back) == 4 and abs(float(back[2][..., :3].mean()) - 2 / 3 * 255) < 2
+
+
+def test_packed_compositing_matches_dense_compositing_with_zeroed_samples():
+    """Skipping samples (packed) = compositing them with zero density (dense), values and grads."""
+    g = torch.Generator().manual_seed(0)
+    R, S = 7, 9
+    sigma = (torch.rand(R, S, generator=g) * 3).requires_grad_(True)
+    rgb = torch.rand(R, S, 3, generator=g).requires_grad_(True)
+    deltas, t = torch.rand(R, S, generator=g) * 0.3, torch.rand(R, S, generator=g).cumsum(-1)
+    mask = torch.rand(R, S, generator=g) < 0.5
+    mask[3] = False                                                    # a ray with no samples at all
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    dense = common.composite(sigma * mask, rgb, deltas, t, background=bg)
+    ray, step = mask.nonzero(as_tuple=True)
+    packed = common.composite_packed(sigma[ray, step], rgb[ray, step], deltas[ray, step], t[ray, step], ray, R, bg)
+    for k in ("rgb", "depth", "opacity"):
+        assert torch.allclose(dense[k], packed[k], atol=1e-6), k
+    assert torch.allclose(dense["weights"][mask], packed["weights"], atol=1e-6)
+    gd = torch.autograd.grad(dense["rgb"].sum() + dense["depth"].sum(), (sigma, rgb))
+    gp = torch.autograd.grad(packed["rgb"].sum() + packed["depth"].sum(), (sigma, rgb))
+    for a, b in zip(gd, gp):
+        assert torch.allclose(a * (mask if a.dim() == 2 else mask[..., None]), b, atol=1e-5)
