@@ -1,0 +1,128 @@
+"""Evaluate Magic3D over the toy world's 30 captions: one run of magic3d.py per caption (default settings,
+both stages), several at a time in parallel processes, then toyworld.classify on each final mesh (its
+vertices and vertex colours: the nearest toy shape by Chamfer distance, the nearest toy colour to the
+median vertex colour) -> the fraction of meshes with the right shape and colour. metrics.json's toy-CLIP
+R-precision of both stages is reported beside it.
+
+    python bench/eval_magic3d.py [--jobs 10] [--device cuda] [--out out/eval_magic3d] [-- FLAGS]
+FLAGS after `--` go to every magic3d.py run. Prints a markdown table and writes eval.md, eval.json and
+eval_views.png (a held-out fine-stage view per caption: shapes down, colours across).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import toyworld  # noqa: E402
+
+
+def run_all(captions, args, extra):
+    """Run magic3d.py once per caption, args.jobs at a time. Returns {caption: seconds}."""
+    pending, running, seconds = list(captions), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            cap = pending.pop(0)
+            cmd = [sys.executable, os.path.join(ROOT, "magic3d.py"), "--prompt", cap, "--name", cap.replace(" ", "_"),
+                   "--out", args.out, "--device", args.device] + extra
+            log = open(os.path.join(args.out, cap.replace(" ", "_") + ".log"), "w")
+            running[cap] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time(), log)
+        for cap, (proc, t0, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                seconds[cap] = time.time() - t0
+                del running[cap]
+                if proc.returncode:
+                    print(f"{cap}: magic3d.py exited {proc.returncode} (see {log.name})", flush=True)
+        time.sleep(0.5)
+    return seconds
+
+
+def check(caption: str, run_dir: str, seconds: float) -> dict:
+    """The row of one caption: toyworld.classify of the mesh, R-precision of both stages."""
+    row = {"caption": caption, "seconds": seconds}
+    path = os.path.join(run_dir, "metrics.json")
+    m = json.load(open(path)) if os.path.isfile(path) else {}
+    for stage in ("coarse", "fine"):
+        row[f"{stage}_r_precision"] = m.get(stage, {}).get("r_precision", float("nan"))
+    ply = os.path.join(run_dir, "mesh.ply")
+    if not os.path.isfile(ply):
+        return {**row, "mesh": "no mesh", "shape_ok": False, "colour_ok": False}
+    verts, colours = toyworld.load_ply(ply)
+    c = toyworld.classify(verts, colours)
+    _, colour, shape = caption.split()
+    row.update(mesh=c["caption"], chamfer=c["chamfer"], vertices=len(verts),
+               shape_ok=c["shape"] == shape, colour_ok=c["colour"] == colour)
+    return row
+
+
+def table(rows) -> str:
+    lines = ["| caption | mesh classified as | right | coarse R-prec. | fine R-prec. | vertices | seconds |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ok = "yes" if r["shape_ok"] and r["colour_ok"] else "shape" if r["colour_ok"] else "colour" if r["shape_ok"] else "no"
+        ok = {"shape": "wrong shape", "colour": "wrong colour"}.get(ok, ok)
+        lines.append(f"| {r['caption']} | {r['mesh']} | {ok} | {r['coarse_r_precision']:.2f} | {r['fine_r_precision']:.2f}"
+                     f" | {r.get('vertices', 0)} | {r['seconds']:.0f} |")
+    n = len(rows)
+    both = sum(r["shape_ok"] and r["colour_ok"] for r in rows)
+    lines.append(f"| **{n} captions** | shape {sum(r['shape_ok'] for r in rows)}/{n}, colour "
+                 f"{sum(r['colour_ok'] for r in rows)}/{n} | **{both}/{n} = {both / n:.0%}** | "
+                 f"{sum(r['coarse_r_precision'] for r in rows) / n:.2f} | {sum(r['fine_r_precision'] for r in rows) / n:.2f} | | |")
+    return "\n".join(lines)
+
+
+def montage(rows, out_dir: str):
+    """The first held-out view of each final mesh (preview.png's top-left cell): shapes down, colours across."""
+    import imageio.v2 as iio
+    cells = {}
+    for r in rows:
+        path = os.path.join(out_dir, r["caption"].replace(" ", "_"), "preview.png")
+        if os.path.isfile(path):
+            img = iio.imread(path)
+            S = img.shape[0] // 3
+            cells[r["caption"]] = torch.from_numpy(img[:S, :S, :3]).float() / 255
+    if not cells:
+        return
+    S = next(iter(cells.values())).shape[0]
+    grid = torch.ones(len(toyworld.SHAPES) * S, len(toyworld.COLOURS) * S, 3)
+    for i, shape in enumerate(toyworld.SHAPES):
+        for j, colour in enumerate(toyworld.COLOURS):
+            cap = f"a {colour} {shape}"
+            if cap in cells:
+                grid[i * S:(i + 1) * S, j * S:(j + 1) * S] = cells[cap]
+    common.save_image(os.path.join(out_dir, "eval_views.png"), grid)
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=10, help="magic3d.py processes at a time")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "eval_magic3d"))
+    p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    seconds = run_all(args.captions, args, extra)
+    runs = os.path.join(args.out, "magic3d")
+    rows = [check(c, os.path.join(runs, c.replace(" ", "_")), seconds.get(c, float("nan"))) for c in args.captions]
+    text = table(rows) + f"\n\n{len(rows)} runs, {args.jobs} at a time, {time.time() - t0:.0f} s wall"
+    print(text)
+    with open(os.path.join(args.out, "eval.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    montage(rows, runs)
+
+
+if __name__ == "__main__":
+    main()
