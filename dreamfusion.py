@@ -18,7 +18,8 @@ the training loop (Adam), evaluation and export.
 
 DEVIATION: the field is Instant-NGP's hash grid (common.HashGrid) + a 1-hidden-layer MLP (paper:
   mip-NeRF 360's MLP), as in the open reimplementations; plain PyTorch. An occupancy grid (Instant-NGP)
-  skips empty space while training (--no-occupancy to turn it off); evaluation renders every sample.
+  skips empty space (--no-occupancy to turn it off), in training and in every render after it, as
+  in Instant-NGP: density the grid skips was never seen by SDS, so it must not appear at test time.
 DEVIATION: normals are evaluated only at samples whose compositing weight exceeds --normal-min-weight
   (the others add nothing to the shaded colour or to the orientation loss), and from the gradient of
   the log-density (the same direction as the gradient of sigma, without its huge magnitudes).
@@ -78,7 +79,7 @@ DEFAULTS = dict(
     normals="fd",             # fd (central finite differences) | autograd
     fd_eps=0.03,              # finite-difference step (about one finest grid cell)
     normal_min_weight=1e-2,   # normals only where the compositing weight exceeds this (see DEVIATION)
-    occupancy=True,           # skip empty space with an occupancy grid while training (Instant-NGP)
+    occupancy=True,           # skip empty space with an occupancy grid (Instant-NGP)
     grid_res=32,              # occupancy grid resolution over the cube
     grid_every=16,            # refresh the occupancy grid every this many steps
     # --- rendering and shading ---
@@ -188,6 +189,7 @@ def train(cfg, run, prior, device):
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
     # a cell is empty when one step through it would absorb < 1% (alpha = 1 - exp(-sigma dt))
     grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
+    occupancy = grid if cfg.occupancy else None       # used for training and for every render after
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume:
         ck = run.load_checkpoint(map_location=device)
@@ -218,7 +220,7 @@ def train(cfg, run, prior, device):
             (torch.rand(3) if cfg.bg_net else torch.ones(3)).to(device)
         # --- 2. render ---
         out = render_view(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
-                          light, bg, perturb=True, occupancy=grid if cfg.occupancy else None)
+                          light, bg, perturb=True, occupancy=occupancy)
         image = out["rgb"].permute(2, 0, 1)[None]                                    # (1, 3, S, S)
         # --- 3. score distillation (Eq. 3) with the view-dependent prompt (Sec. 3.2) ---
         el, az = cam["elevation"].item(), cam["azimuth"].item()
@@ -241,7 +243,7 @@ def train(cfg, run, prior, device):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.2f}", opacity=f"{curve[-1]['opacity']:.2f}", mode=mode[:4])
         if step % cfg.preview_every == 0:
-            common.save_image(run.file("preview.png"), preview(field, bg_net, cfg, device))
+            common.save_image(run.file("preview.png"), preview(field, bg_net, occupancy, cfg, device))
         if step % cfg.ckpt_every == 0 or ctrl_c.hit:
             checkpoint(step)
         if ctrl_c.hit:
@@ -249,39 +251,40 @@ def train(cfg, run, prior, device):
     bar.close()
     checkpoint(step)
     ctrl_c.close(run, step)
-    return field, bg_net, step, elapsed, curve
+    return field, bg_net, occupancy, step, elapsed, curve
 
 
 # ================================================================================================
 # Evaluation and export: held-out views, CLIP score / R-precision, turntables, mesh
 # ================================================================================================
 @torch.no_grad()
-def eval_views(field, bg_net, cfg, device, n, size, elevation=20.0, radius=3.5, fov=40.0):
+def eval_views(field, bg_net, grid, cfg, device, n, size, elevation=20.0, radius=3.5, fov=40.0):
     """n views at azimuths 360 (k + 1/2) / n on white, light above the camera: dict of (n, S, S, 3)."""
     views = []
     for k in range(n):
         az = 360.0 * (k + 0.5) / n
         c2w = common.pose_spherical(radius, elevation, az).to(device)
         light = F.normalize(common.spherical_to_cartesian(1.0, elevation + 30.0, az), dim=-1).to(device)
-        views.append(render_view(field, bg_net, cfg, c2w, fov, size, "all", light, torch.ones(3, device=device)))
+        views.append(render_view(field, bg_net, cfg, c2w, fov, size, "all", light, torch.ones(3, device=device),
+                                 occupancy=grid))
     return {k: torch.stack([v[k] for v in views]) for k in ("rgb", "lambertian", "textureless", "normals")}
 
 
-def preview(field, bg_net, cfg, device, n=4):
+def preview(field, bg_net, grid, cfg, device, n=4):
     """Rows: lambertian colour, textureless, normals of n views -> (3 S, n S, 3)."""
-    v = eval_views(field, bg_net, cfg, device, n, cfg.size)
+    v = eval_views(field, bg_net, grid, cfg, device, n, cfg.size)
     rows = [v[k].permute(1, 0, 2, 3).reshape(cfg.size, n * cfg.size, 3) for k in ("lambertian", "textureless", "normals")]
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def evaluate(field, bg_net, cfg, device):
+def evaluate(field, bg_net, grid, cfg, device):
     """Toy-CLIP score (mean cosine of held-out lambertian views with the prompt) and R-precision among
     the toy captions."""
     if not cfg.eval_clip:
         return {"clip": "skipped (--eval-clip empty)"}
     ev = common.CLIPPrior(cfg.eval_clip, device=device, flag="--eval-clip")
-    images = eval_views(field, bg_net, cfg, device, cfg.n_eval, 64)["lambertian"].permute(0, 3, 1, 2)
+    images = eval_views(field, bg_net, grid, cfg, device, cfg.n_eval, 64)["lambertian"].permute(0, 3, 1, 2)
     m = {"clip_score": ev.similarity(ev.encode_image(images), ev.encode_text([cfg.prompt])).mean().item()}
     vocab = os.path.join(common.TOY_CLIP.get(cfg.eval_clip, cfg.eval_clip), common.TOY_CLIP_VOCAB_FILE)
     if os.path.isfile(vocab):
@@ -294,22 +297,23 @@ def evaluate(field, bg_net, cfg, device):
 
 
 @torch.no_grad()
-def export(cfg, field, bg_net, run, device, step, elapsed, curve):
+def export(cfg, field, bg_net, grid, run, device, step, elapsed, curve):
     field.eval()
     frames = {k: [] for k in ("lambertian", "textureless", "normals")}
     for az in torch.linspace(-180, 180, cfg.video_frames + 1)[:-1].tolist():
         c2w = common.pose_spherical(3.5, 20.0, az).to(device)
         light = F.normalize(common.spherical_to_cartesian(1.0, 50.0, az), dim=-1).to(device)
-        v = render_view(field, bg_net, cfg, c2w, 40.0, cfg.video_size, "all", light, torch.ones(3, device=device))
+        v = render_view(field, bg_net, cfg, c2w, 40.0, cfg.video_size, "all", light, torch.ones(3, device=device),
+                        occupancy=grid)
         for k in frames:
             frames[k].append(v[k])
     for k, name in (("lambertian", "colour"), ("textureless", "textureless"), ("normals", "normals")):
         common.save_video(run.file(f"{name}.mp4"), frames[k])
-    common.save_image(run.file("preview.png"), preview(field, bg_net, cfg, device))
+    common.save_image(run.file("preview.png"), preview(field, bg_net, grid, cfg, device))
     last = curve[-20:]
     metrics = {"iterations": step, "train_seconds": round(elapsed, 1),
                "final_loss": sum(c["loss"] for c in last) / max(len(last), 1),
-               "final_opacity": sum(c["opacity"] for c in last) / max(len(last), 1), **evaluate(field, bg_net, cfg, device)}
+               "final_opacity": sum(c["opacity"] for c in last) / max(len(last), 1), **evaluate(field, bg_net, grid, cfg, device)}
     # mesh: marching cubes of the density; vertex colours = albedo
     verts, faces, colors = common.density_mesh(field.density, lambda x: field(x)[1], AABB, cfg.mesh_res,
                                                cfg.mesh_level, device, chunk=2 ** 16)
@@ -336,11 +340,11 @@ def ablate(cfg, prior, device):
     for label, change in ABLATIONS.items():
         sub = argparse.Namespace(**{**vars(cfg), **change})
         run = common.RunDir(cfg.out, "dreamfusion", os.path.join(cfg.name, label.replace(" ", "_")))
-        field, bg_net, step, elapsed, curve = train(sub, run, prior, device)
-        m = evaluate(field, bg_net, sub, device)
+        field, bg_net, grid, step, elapsed, curve = train(sub, run, prior, device)
+        m = evaluate(field, bg_net, grid, sub, device)
         rows.append({"run": label, "clip_score": m.get("clip_score", math.nan), "r_precision": m.get("r_precision", math.nan),
                      "seconds": round(elapsed, 1)})
-        images.append(preview(field, bg_net, sub, device))
+        images.append(preview(field, bg_net, grid, sub, device))
     top = common.RunDir(cfg.out, "dreamfusion", cfg.name)
     common.save_image(top.file("ablation.png"), torch.cat(images))
     top.write_json("ablation.json", rows)
@@ -364,8 +368,8 @@ def main(argv=None):
         if cfg.ablate:
             return ablate(cfg, prior, device)
         run = common.RunDir(cfg.out, "dreamfusion", cfg.name)
-        field, bg_net, step, elapsed, curve = train(cfg, run, prior, device)
-        export(cfg, field, bg_net, run, device, step, elapsed, curve)
+        field, bg_net, grid, step, elapsed, curve = train(cfg, run, prior, device)
+        export(cfg, field, bg_net, grid, run, device, step, elapsed, curve)
 
 
 if __name__ == "__main__":

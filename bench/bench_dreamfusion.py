@@ -22,18 +22,21 @@ import dreamfusion  # noqa: E402
 from bench_priors import build_prior  # noqa: E402
 
 
+RUNS = iter(range(1000))                  # a fresh run folder per training run
+
+
 def timed_run(prior, flags, iters, warmup, out):
     """Train `warmup` steps (compilation, caches), then `iters` more in a fresh run: returns
     ms per iteration of the second run and the peak GPU memory in GiB over both."""
     torch.cuda.reset_peak_memory_stats()
     ms = None
-    for k, n in enumerate((warmup, iters)):
+    for n in (warmup, iters):
         cfg = dreamfusion.parse_args(["--preset", "paper", "--prompt", "a hamburger", "--iters", str(n),
                                       "--eval-clip", "", "--preview-every", "1000000", "--ckpt-every",
-                                      "1000000", "--out", out, "--name", f"run{k}_{len(os.listdir(out))}",
+                                      "1000000", "--out", out, "--name", f"run{next(RUNS)}",
                                       *flags])
         run = common.RunDir(cfg.out, "dreamfusion", cfg.name)
-        _, _, step, elapsed, _ = dreamfusion.train(cfg, run, prior, torch.device("cuda"))
+        _, _, _, step, elapsed, _ = dreamfusion.train(cfg, run, prior, torch.device("cuda"))
         ms = 1e3 * elapsed / step
     return ms, torch.cuda.max_memory_allocated() / 2 ** 30
 

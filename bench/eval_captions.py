@@ -54,9 +54,10 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--captions", type=int, default=30, help="the first this many toy captions")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for the script")
-    a = p.parse_args()
-    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    extra = argv[cut + 1:]                                   # after "--": flags for the script
     caps = toyworld.CAPTIONS[:a.captions]
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as ex:
