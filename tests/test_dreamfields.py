@@ -114,13 +114,14 @@ def test_origin_ema_against_a_naive_loop():
 # ---- pose sampling -----------------------------------------------------------------------------
 
 def test_pose_sampler_angles_and_focal():
-    cfg = cfg_with(size=88)
+    cfg = cfg_with(size=88, elevation_jitter=0)
     assert D.focal_length(cfg) == pytest.approx(1.2 * 0.5 * 88 / math.tan(0.5 * 0.6911112))
     g = torch.Generator().manual_seed(4)
     origin = torch.tensor([0.1, 0.2, -0.1])
     azimuths = []
     for _ in range(200):
-        c2w, az = D.sample_pose(cfg, origin, g)
+        c2w, az, el = D.sample_pose(cfg, origin, g)
+        assert el == 30.0
         offset = c2w[:3, 3] - origin
         assert offset.norm() == pytest.approx(4.0, abs=1e-5)
         assert math.degrees(math.asin(offset[2] / offset.norm())) == pytest.approx(30.0, abs=1e-3)
@@ -129,6 +130,19 @@ def test_pose_sampler_angles_and_focal():
         azimuths.append(az)
     az = torch.tensor(azimuths)
     assert az.min() >= 0 and az.max() < 360 and abs(az.mean() - 180) < 30             # U(0, 360)
+
+
+def test_pose_sampler_elevation_jitter():
+    cfg = cfg_with(elevation=40, elevation_jitter=20)
+    g = torch.Generator().manual_seed(5)
+    els = []
+    for _ in range(300):
+        c2w, _, el = D.sample_pose(cfg, torch.zeros(3), g)
+        assert math.degrees(math.asin(c2w[2, 3] / c2w[:3, 3].norm())) == pytest.approx(el, abs=1e-3)
+        els.append(el)
+    els = torch.tensor(els)
+    assert els.min() >= 20 and els.max() <= 60 and els.min() < 23 and els.max() > 57       # U(20, 60)
+    assert abs(els.mean() - 40) < 2.5
 
 
 # ---- the field ---------------------------------------------------------------------------------
@@ -140,6 +154,23 @@ def test_field_is_empty_outside_the_cube(field):
     sigma, rgb = f(x)
     assert (sigma[:2] > 0).all() and (sigma[2:] == 0).all()
     assert rgb.shape == (4, 3) and ((rgb > 0) & (rgb < 1)).all()
+
+
+def test_checkpointed_render_has_the_same_values_and_gradients():
+    cfg = cfg_with(width=16, n_blocks=1, n_samples=8, size=6)
+    field = D.DreamField(cfg)
+    c2w = D.sample_pose(cfg, torch.zeros(3), torch.Generator().manual_seed(6))[0]
+    results = []
+    for ckpt in (False, True):
+        cfg.checkpoint = ckpt
+        field.zero_grad()
+        torch.manual_seed(7)                                      # the same jitter in both runs
+        rgb, opacity, _, _ = D.render_view(field, cfg, c2w, perturb=True, chunk=10)    # 4 chunks of rays
+        (rgb.square().sum() + opacity.sum()).backward()
+        results.append((rgb.detach(), [p.grad.clone() for p in field.parameters()]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
 
 
 # ---- end to end --------------------------------------------------------------------------------
