@@ -486,7 +486,7 @@ def test_generate_writes_points_and_mesh(monkeypatch, tmp_path):
         def __init__(self, name, device):
             assert name == "toy"
 
-        def sample(self, prompts):
+        def sample(self, prompts, steps=50):
             return torch.rand(len(prompts), 3, 16, 16)
 
     monkeypatch.setattr(common, "CLIPPrior", Clip, raising=False)
@@ -509,3 +509,91 @@ def test_generate_writes_points_and_mesh(monkeypatch, tmp_path):
     assert "element face 0\n" not in mesh and "element face" in mesh
     with pytest.raises(common.UserError):
         pointe.main(["--prompt", "a red cube", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path)])
+
+
+# ---- evaluation on the toy world ----------------------------------------------------------------
+
+
+def test_classify_clouds_names_every_analytic_toy_object():
+    """Ground-truth clouds of all 30 captions (with a little noise) are judged right."""
+    import toyworld
+    g = torch.Generator().manual_seed(0)
+    idx = torch.arange(len(toyworld.CAPTIONS))
+    pts = pointe.toy_clouds(idx, 512, g)                                           # (30, 6, 512)
+    pts[:, :3] += 0.01 * torch.randn(pts[:, :3].shape, generator=g)
+    pts[:, 3:] = (pts[:, 3:] + 20 * torch.randn(pts[:, 3:].shape, generator=g)).clamp(0, 255)
+    shape, colour = pointe.classify_clouds(pts)
+    assert torch.equal(shape, idx // len(toyworld.COLOURS)) and torch.equal(colour, idx % len(toyworld.COLOURS))
+
+
+def test_chamfer_distance_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 40, 3, generator=g), torch.randn(2, 25, 3, generator=g)
+    got = pointe.chamfer_distance(a, b)
+    for k in range(2):
+        d = [[math.dist(p.tolist(), q.tolist()) for q in b[k]] for p in a[k]]
+        ref = np.mean([min(r) for r in d]) + np.mean([min(c) for c in zip(*d)])
+        assert abs(got[k].item() - ref) < 1e-5
+    assert pointe.chamfer_distance(a, a).abs().max() < 1e-3
+
+
+def test_toy_sdf_batch_targets_are_the_analytic_sdf():
+    import toyworld
+    g = torch.Generator().manual_seed(0)
+    shape_idx = torch.tensor([4, 0, 4, 2])
+    clouds, queries, sdf = pointe.toy_sdf_batch(shape_idx, 64, 200, g)
+    for i, s in enumerate(shape_idx.tolist()):
+        f = toyworld.SDFS[toyworld.SHAPES[s]]
+        assert f(clouds[i].T / pointe.TOY_SCALE).abs().max() < 1e-4                 # on the surface
+        assert torch.allclose(sdf[i], -f(queries[i].T / pointe.TOY_SCALE) * pointe.TOY_SCALE, atol=1e-6)
+        near = f(queries[i].T / pointe.TOY_SCALE).abs() < 0.05
+        assert 0.2 < near.float().mean() < 0.8                                       # near and far mixed
+
+
+def test_eval_cli_runs_on_tiny_models(monkeypatch, tmp_path):
+    import toyworld
+    small = dict(kind="points", width=32, layers=1, heads=2)
+    monkeypatch.setitem(pointe.MODEL_CONFIGS, "toy-base", dict(small, n_ctx=32, schedule="cosine", cond="vec",
+                                                               clip_dim=None))
+    monkeypatch.setitem(pointe.MODEL_CONFIGS, "toy-upsample", dict(small, n_ctx=96, cond_ctx=32,
+                                                                   schedule="linear", cond=None))
+
+    class Clip:
+        def __init__(self, model, device):
+            pass
+
+        def encode_image(self, images):
+            return torch.nn.functional.normalize(images.flatten(1)[:, :8], dim=-1)
+
+        def encode_text(self, texts):
+            return torch.nn.functional.normalize(torch.randn(len(texts), 8), dim=-1)
+
+        similarity = staticmethod(common.CLIPPrior.similarity)
+
+    class Prior:
+        def __init__(self, name, device):
+            self.device = torch.device(device)
+
+        def sample(self, prompts, generator=None):
+            return torch.rand(len(prompts), 3, 16, 16, generator=generator)
+
+    monkeypatch.setattr(common, "CLIPPrior", Clip)
+    monkeypatch.setattr(common, "DiffusionPrior", Prior)
+    for name in ("toy-base", "toy-upsample"):
+        torch.save(pointe.build_model(name, clip_dim=8).state_dict(), tmp_path / f"{name}.pt")
+    res = pointe.main(["eval", "--weights", str(tmp_path), "--per-caption", "1", "--steps", "2", "--batch", "16",
+                       "--device", "cpu", "--out", str(tmp_path), "--name", "ev"])
+    assert res["clouds"] == len(toyworld.CAPTIONS) and (tmp_path / "pointe" / "ev" / "eval.json").exists()
+    assert sum(map(sum, res["confusion_shape"])) == len(toyworld.CAPTIONS)
+    assert 0 <= res["by_shape"]["all"]["shape_and_colour"] <= 1 and res["by_shape"]["all"]["chamfer"] > 0
+
+
+def test_preview_image_nearest_point_wins():
+    """Two points on one viewing ray: the one nearer the camera colours the pixel; a lone point
+    lands where the orthographic projection puts it (the centre of the frame for the origin)."""
+    toward = torch.tensor([1.0, 0.0, 0.0])                           # azimuth 0, elevation 0
+    xyz = torch.stack([0.3 * toward, -0.3 * toward])                  # near (red), far (blue)
+    img = pointe.preview_image(xyz, torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), size=65, azimuth=0.0,
+                               elevation=0.0)
+    assert torch.equal(img[32, 32], torch.tensor([1.0, 0, 0]))
+    assert (img != 1).any(-1).sum() == 9                                 # one 3x3 splat, white elsewhere
