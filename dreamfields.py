@@ -9,9 +9,11 @@ Run:
 Outputs in out/dreamfields/<name>/: config.json, checkpoint.pt, preview/ and views.png, turntable.mp4,
 mesh.ply/.obj, metrics.json (CLIP score at the start and the end, R-precision over held-out views).
 Measured (CPU preset, seed 0, 2 shared cores, --threads 1): CLIP score 0.48 -> 0.95, R-precision 1.0,
-2 min 1 s to 2 min 51 s wall (3-6 min while other jobs load the cores); the toy CLIP already ranks the
+2 min 1 s to 2 min 51 s wall (3 min 31 s with a second run beside it); the toy CLIP already ranks the
 untrained haze "a blue torus" first, so read caption_margin (0.09 -> 0.56) too. Over all 30 toy captions
-(bench/eval_dreamfields.py, default settings, GPU) the R-precision is 0.99: see bench/RESULTS_dreamfields.md.
+(bench/eval_dreamfields.py, default settings, GPU) the R-precision is 0.97 (0.99 in another run), the
+meshes' colours are right for 27 and their shapes for 17: spheres, cylinders, cones yes, cubes come out
+rounded, tori flat (bench/RESULTS_dreamfields.md).
 The object is NOT a recognisable torus: views.png shows a flat blue blob without a hole. The toy CLIP is
 the limit: from the paper's 30-degree elevation it scores a torus with its hole filled (a flat disc)
 0.94 and the true torus 0.91 (toyworld renders, 8 views, 32 px), so nothing rewards a hole (from 60
