@@ -215,7 +215,7 @@ def train_coarse(cfg, run, prior, device):
     grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume and run.exists("coarse.pt"):
-        ck = run.load_checkpoint("coarse.pt", map_location=device)
+        ck = run.load_checkpoint("coarse.pt")   # on the CPU, where the RNG state must stay; load_state_dict copies
         field.load_state_dict(ck["field"]), bg_net.load_state_dict(ck["bg"]), opt.load_state_dict(ck["opt"])
         grid.load_state_dict(ck["grid"])
         start, elapsed, curve = ck["step"], ck["elapsed"], ck["curve"]
@@ -369,7 +369,7 @@ def train_fine(cfg, run, prior, device, field, bg_net):
                            betas=(0.9, 0.99), eps=1e-15)
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume and run.exists("fine.pt"):
-        ck = run.load_checkpoint("fine.pt", map_location=device)
+        ck = run.load_checkpoint("fine.pt")
         dmtet.load_state_dict(ck["dmtet"]), field.load_state_dict(ck["field"]), bg_net.load_state_dict(ck["bg"])
         opt.load_state_dict(ck["opt"])
         start, elapsed, curve = ck["step"], ck["elapsed"], ck["curve"]
@@ -536,7 +536,7 @@ def load_coarse(cfg, run, device):
     if not run.exists("coarse.pt"):
         raise common.UserError(f"--stage fine needs the coarse stage's checkpoint {run.file('coarse.pt')}: "
                                "run --stage coarse (or all) first with the same --name")
-    ck = run.load_checkpoint("coarse.pt", map_location=device)
+    ck = run.load_checkpoint("coarse.pt")
     field, bg_net = build_field(cfg).to(device), common.Background().to(device)
     field.load_state_dict(ck["field"]), bg_net.load_state_dict(ck["bg"])
     return field, bg_net

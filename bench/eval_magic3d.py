@@ -109,10 +109,11 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "eval_magic3d"))
     p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
+    p.add_argument("--collect-only", action="store_true", help="table the runs already in --out, run nothing")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    seconds = run_all(args.captions, args, extra)
+    seconds = {} if args.collect_only else run_all(args.captions, args, extra)
     runs = os.path.join(args.out, "magic3d")
     rows = [check(c, os.path.join(runs, c.replace(" ", "_")), seconds.get(c, float("nan"))) for c in args.captions]
     text = table(rows) + f"\n\n{len(rows)} runs, {args.jobs} at a time, {time.time() - t0:.0f} s wall"
