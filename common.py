@@ -1371,6 +1371,8 @@ def _load_component(folder: str, sub: str, library: str, cls_name: str, dtype):
     """One pipeline component, e.g. ("transformers", "CLIPTextModel") from folder/text_encoder."""
     cls = getattr(importlib.import_module(library), cls_name)
     kw = {} if sub in ("tokenizer", "scheduler") else {"torch_dtype": dtype}
+    if library == "diffusers" and sub not in ("tokenizer", "scheduler"):
+        kw["low_cpu_mem_usage"] = False          # without `accelerate`, say so instead of warning about it
     try:
         return cls.from_pretrained(folder, subfolder=sub, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
