@@ -182,11 +182,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict):
+    """Restore rng_state()'s streams (the states may have been loaded onto any device)."""
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 def progress(it, **kw):
