@@ -1313,6 +1313,33 @@ class CLIPPrior(nn.Module):
         return float((sim.argmax(-1) == true_idx).float().mean())
 
 
+def toy_captions(clip: str):
+    """The caption set of a bundled toy CLIP (its toyworld.json), or None for any other CLIP."""
+    path = os.path.join(TOY_CLIP.get(clip, clip), TOY_CLIP_VOCAB_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["captions"]
+
+
+@torch.no_grad()
+def caption_metrics(clip: "CLIPPrior", images: torch.Tensor, prompt: str, captions=None) -> dict:
+    """How well renders `images` (N, 3, H, W) match `prompt`: clip_score = mean cosine similarity;
+    with a caption list (the prompt added if missing): r_precision (the fraction of images whose
+    best caption is the prompt), caption_margin (mean cosine of the prompt minus the best other
+    caption; > 0: the prompt wins) and n_captions."""
+    img = clip.encode_image(images)                                           # (N, D)
+    m = {"clip_score": clip.similarity(img, clip.encode_text([prompt])).mean().item()}
+    if captions:
+        caps = captions if prompt in captions else [prompt] + list(captions)
+        i = caps.index(prompt)
+        sim = clip.similarity(img, clip.encode_text(caps))                     # (N, captions)
+        others = torch.cat([sim[:, :i], sim[:, i + 1:]], 1)
+        m.update(r_precision=(sim.argmax(1) == i).float().mean().item(),
+                 caption_margin=(sim[:, i] - others.amax(1)).mean().item(), n_captions=len(caps))
+    return m
+
+
 # ================================================================================================
 # 9. Priors: the diffusion prior (score distillation sampling, text-to-image sampling)
 # ================================================================================================
@@ -1719,3 +1746,30 @@ def render_object(field: ObjectField, rays_o: torch.Tensor, rays_d: torch.Tensor
         mode = "albedo"
     res["rgb"] = composite_colour(mode)
     return res
+
+
+def render_object_view(field: ObjectField, bg_net: Background, c2w: torch.Tensor, fov: float, size: int,
+                       mode: str, light: torch.Tensor, n_samples: int, ambient: float,
+                       normal_min_weight: float = 1e-2, need_orient: bool = True, bg: torch.Tensor = None,
+                       perturb: bool = False, occupancy: OccupancyGrid = None) -> dict:
+    """render_object for one camera: c2w (4, 4), horizontal field of view in degrees, a square
+    image of `size` pixels, over the background network (bg None) or a solid colour bg (3,).
+    Returns render_object's maps as images: (size, size, 3), opacity (size, size), orient."""
+    rays_o, rays_d = get_rays(size, size, focal_from_fov(fov, size), c2w)
+    rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+    background = bg_net(rays_d) if bg is None else bg.expand(rays_d.shape[0], 3)
+    out = render_object(field, rays_o, rays_d, light, mode, background, n_samples, perturb, ambient,
+                        normal_min_weight, need_orient, occupancy)
+    out.pop("weights")
+    return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
+
+
+def pick_shading(step: int, albedo_iters: int, p_textureless: float, p_lambertian: float, u: float,
+                 shading: bool = True) -> str:
+    """DreamFusion's shading schedule: albedo only for the first albedo_iters steps (or always when
+    shading is off), then by a uniform draw u: textureless, lambertian, or albedo with the rest."""
+    if not shading or step < albedo_iters:
+        return "albedo"
+    if u < p_textureless:
+        return "textureless"
+    return "lambertian" if u < p_textureless + p_lambertian else "albedo"

@@ -49,7 +49,6 @@ DEVIATION: R-precision captions are the toy world's 30 captions (from the eval C
   azimuths 360 (k + 1/2) / n, which random training azimuths never hit exactly.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -424,12 +423,9 @@ def eval_captions(cfg, ev):
         with open(cfg.captions) as f:
             caps = [line.strip() for line in f if line.strip()]
     else:
-        name = cfg.eval_clip or cfg.clip
-        path = os.path.join(common.TOY_CLIP.get(name, name), common.TOY_CLIP_VOCAB_FILE)
-        if not os.path.isfile(path):
+        caps = common.toy_captions(cfg.eval_clip or cfg.clip)
+        if caps is None:
             return None
-        with open(path) as f:
-            caps = json.load(f)["captions"]
     return caps if cfg.prompt in caps else [cfg.prompt] + caps
 
 
@@ -449,19 +445,15 @@ def eval_views(field, cfg, origin, device, n=None):
 def evaluate(field, cfg, origin, prior, ev, device):
     """CLIP score (mean cosine with the prompt, loss CLIP and eval CLIP), R-precision, transmittance."""
     images, trans = eval_views(field, cfg, origin, device)
-    m = {"clip_score": prior.similarity(prior.encode_image(images), prior.encode_text([cfg.prompt])).mean().item(),
-         "eval_clip_score": ev.similarity(ev.encode_image(images), ev.encode_text([cfg.prompt])).mean().item(),
-         "mean_transmittance": trans}
     caps = eval_captions(cfg, ev)
+    m = {"clip_score": prior.similarity(prior.encode_image(images), prior.encode_text([cfg.prompt])).mean().item(),
+         "mean_transmittance": trans}
+    # the eval CLIP: its score, and R-precision / caption margin (> 0: the prompt wins) among the captions
+    ev_m = common.caption_metrics(ev, images, cfg.prompt, caps)
+    m["eval_clip_score"] = ev_m.pop("clip_score")
+    m.update(ev_m)
     if caps is None:
         m["r_precision"] = "skipped: no caption set (pass --captions FILE)"
-    else:
-        i = caps.index(cfg.prompt)
-        m["r_precision"] = ev.r_precision(images, caps, [i] * len(images))
-        sim = ev.similarity(ev.encode_image(images), ev.encode_text(caps))                   # (views, captions)
-        others = torch.cat([sim[:, :i], sim[:, i + 1:]], 1)
-        m["caption_margin"] = (sim[:, i] - others.amax(1)).mean().item()   # > 0: the prompt wins, by how much
-        m["n_captions"] = len(caps)
     return images, m
 
 

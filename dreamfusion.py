@@ -42,7 +42,6 @@ RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs): 3 
   loss 0.839 / 1.0, no opacity loss 0.813 / 1.0.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -158,27 +157,13 @@ def build_field(cfg) -> common.ObjectField:
 # ================================================================================================
 def render_view(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, perturb=False, occupancy=None):
     """One camera -> dict of (size, size, 3) images (and opacity (size, size)); bg None: the bg net."""
-    rays_o, rays_d = common.get_rays(size, size, common.focal_from_fov(fov, size), c2w)
-    rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
-    background = bg_net(rays_d) if bg is None else bg.expand(rays_d.shape[0], 3)
-    out = common.render_object(field, rays_o, rays_d, light, mode, background, cfg.n_samples, perturb,
-                               cfg.ambient, cfg.normal_min_weight, cfg.lambda_orient > 0, occupancy)
-    out.pop("weights")
-    return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
+    return common.render_object_view(field, bg_net, c2w, fov, size, mode, light, cfg.n_samples, cfg.ambient,
+                                     cfg.normal_min_weight, cfg.lambda_orient > 0, bg, perturb, occupancy)
 
 
 def pick_shading(step: int, cfg, u: float) -> str:
     """Albedo-only for the first --albedo-iters steps, then textureless / lambertian / albedo at random."""
-    if not cfg.shading or step < cfg.albedo_iters:
-        return "albedo"
-    if u < cfg.p_textureless:
-        return "textureless"
-    return "lambertian" if u < cfg.p_textureless + cfg.p_lambertian else "albedo"
-
-
-def view_prompt(prompt: str, elevation: float, azimuth: float, on: bool = True) -> str:
-    """Sec. 3.2: the prompt plus "overhead / front / side / back view" by the camera's angles."""
-    return f"{prompt}, {common.view_suffix(elevation, azimuth)}" if on else prompt
+    return common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, u, cfg.shading)
 
 
 # ================================================================================================
@@ -287,15 +272,7 @@ def evaluate(field, bg_net, grid, cfg, device):
         return {"clip": "skipped (--eval-clip empty)"}
     ev = common.CLIPPrior(cfg.eval_clip, device=device, flag="--eval-clip")
     images = eval_views(field, bg_net, grid, cfg, device, cfg.n_eval, 64)["lambertian"].permute(0, 3, 1, 2)
-    m = {"clip_score": ev.similarity(ev.encode_image(images), ev.encode_text([cfg.prompt])).mean().item()}
-    vocab = os.path.join(common.TOY_CLIP.get(cfg.eval_clip, cfg.eval_clip), common.TOY_CLIP_VOCAB_FILE)
-    if os.path.isfile(vocab):
-        with open(vocab) as f:
-            caps = json.load(f)["captions"]
-        caps = caps if cfg.prompt in caps else [cfg.prompt] + caps
-        m["r_precision"] = ev.r_precision(images, caps, [caps.index(cfg.prompt)] * len(images))
-        m["n_captions"] = len(caps)
-    return m
+    return common.caption_metrics(ev, images, cfg.prompt, common.toy_captions(cfg.eval_clip))
 
 
 @torch.no_grad()

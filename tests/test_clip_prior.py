@@ -76,6 +76,22 @@ def test_text_cache_and_r_precision(tiny_folder):
     assert prior.r_precision(images, ["p", "q", "r"], (best + 1) % 3) == 0.0
 
 
+
+def test_caption_metrics_against_explicit_loops(tiny_folder):
+    folder, _ = tiny_folder
+    prior = CLIPPrior(folder)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    caps = ["p", "q", "r", "s"]
+    m = common.caption_metrics(prior, images, "q", caps)
+    sim = prior.similarity(prior.encode_image(images), prior.encode_text(caps))     # (5, 4)
+    hits = [int(max(range(4), key=lambda j: float(sim[n, j])) == 1) for n in range(5)]
+    margins = [float(sim[n, 1]) - max(float(sim[n, j]) for j in (0, 2, 3)) for n in range(5)]
+    assert abs(m["clip_score"] - float(sim[:, 1].mean())) < 1e-6
+    assert m["r_precision"] == sum(hits) / 5 == prior.r_precision(images, caps, [1] * 5)
+    assert abs(m["caption_margin"] - sum(margins) / 5) < 1e-6 and m["n_captions"] == 4
+    assert common.caption_metrics(prior, images, "t", caps)["n_captions"] == 5       # the prompt is added
+    assert set(common.caption_metrics(prior, images, "q")) == {"clip_score"}
+
 def test_encode_image_resizes_with_gradient(tiny_folder):
     folder, _ = tiny_folder
     prior = CLIPPrior(folder)

@@ -94,8 +94,7 @@ def test_orientation_loss_on_a_hand_made_case():
                                             (30, 90, "side view"), (0, -100, "side view"), (10, 180, "back view"),
                                             (10, -170, "back view"), (10, 530, "back view")])
 def test_view_prompt(el, az, suffix):
-    assert df.view_prompt("a red cube", el, az) == f"a red cube, {suffix}"
-    assert df.view_prompt("a red cube", el, az, on=False) == "a red cube"
+    assert common.view_suffix(el, az) == suffix          # what sds_loss appends: "<prompt>, <suffix>"
 
 
 def test_shading_schedule():
