@@ -201,15 +201,17 @@ def chamfer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def load_ply(path: str):
-    """Vertices (N, 3) and colours (N, 3) in [0, 1] of an ASCII PLY written by common.save_ply."""
+    """Vertices (N, 3), colours (N, 3) in [0, 1] (grey if none) and triangles (F, 3) of an ASCII
+    PLY written by common.save_ply."""
     with open(path) as f:
         header = []
         while not header or header[-1] != "end_header":
             header.append(f.readline().strip())
-        n = next(int(h.split()[-1]) for h in header if h.startswith("element vertex"))
-        rows = torch.tensor([[float(v) for v in f.readline().split()] for _ in range(n)])
-    colours = rows[:, 3:6] / 255.0 if rows.shape[1] >= 6 else torch.full((n, 3), 0.5)
-    return rows[:, :3], colours
+        count = {h.split()[1]: int(h.split()[2]) for h in header if h.startswith("element")}
+        rows = torch.tensor([[float(v) for v in f.readline().split()] for _ in range(count["vertex"])])
+        faces = [[int(x) for x in f.readline().split()[1:4]] for _ in range(count.get("face", 0))]
+    colours = rows[:, 3:6] / 255.0 if rows.shape[1] >= 6 else torch.full((len(rows), 3), 0.5)
+    return rows[:, :3], colours, torch.tensor(faces, dtype=torch.long).reshape(-1, 3)
 
 
 def classify(points: torch.Tensor, colours: torch.Tensor, n: int = 800, generator=None) -> dict:

@@ -39,7 +39,7 @@ def run_one(script, caption, out, extra, threads):
     row.update(clip_score=m.get("clip_score"), r_precision=m.get("r_precision"))
     mesh = os.path.join(folder, "mesh.ply")
     if os.path.isfile(mesh):
-        pts, cols = toyworld.load_ply(mesh)
+        pts, cols, _ = toyworld.load_ply(mesh)
         c = toyworld.classify(pts, cols)
         row.update(mesh_caption=c["caption"], chamfer=c["chamfer"][caption.split()[-1]])
     else:

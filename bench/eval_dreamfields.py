@@ -37,16 +37,6 @@ SCALES = torch.logspace(np.log10(0.5), np.log10(2.0), 13)      # candidate objec
 YAWS = torch.deg2rad(torch.arange(0.0, 90.0, 10.0))             # the cube's yaw (the others are round about z)
 
 
-def read_ply(path: str):
-    """Vertices (V, 3) and their colours (V, 3) in [0, 1] of an ASCII PLY written by common.save_ply."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    n = next(int(line.split()[-1]) for line in lines if line.startswith("element vertex"))
-    body = lines.index("end_header") + 1
-    rows = np.array([line.split() for line in lines[body:body + n]], dtype=np.float32)   # (V, 6)
-    return torch.from_numpy(rows[:, :3]), torch.from_numpy(rows[:, 3:6]) / 255.0
-
-
 def sdf_disc(p: torch.Tensor) -> torch.Tensor:
     """A torus with its hole filled (a flat disc with a round rim): the shape a Dream Field makes when
     it gets the torus's outline but not its hole. p (N, 3) -> (N,)."""
@@ -133,7 +123,7 @@ def check(caption: str, run_dir: str) -> dict:
     ply = os.path.join(run_dir, "mesh.ply")
     if not os.path.isfile(ply):
         return {**row, "mesh_shape": "no mesh", "mesh_colour": "no mesh", "shape_ok": False, "colour_ok": False}
-    verts, colours = read_ply(ply)
+    verts, colours, _ = toyworld.load_ply(ply)
     dist = shape_distances(verts)
     row["mesh_shape"] = min(dist, key=dist.get)
     row["chamfer"] = dist

@@ -54,7 +54,7 @@ def check(caption: str, run_dir: str, seconds: float) -> dict:
     ply = os.path.join(run_dir, "mesh.ply")
     if not os.path.isfile(ply):
         return {**row, "mesh": "no mesh", "shape_ok": False, "colour_ok": False}
-    verts, colours = toyworld.load_ply(ply)
+    verts, colours, _ = toyworld.load_ply(ply)
     c = toyworld.classify(verts, colours)
     _, colour, shape = caption.split()
     row.update(mesh=c["caption"], chamfer=c["chamfer"], vertices=len(verts),

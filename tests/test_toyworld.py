@@ -142,6 +142,11 @@ def test_classify_names_posed_noisy_objects():
 def test_load_ply_reads_back_what_save_ply_wrote(tmp_path):
     g = torch.Generator().manual_seed(0)
     pts, cols = torch.rand(20, 3, generator=g), torch.rand(20, 3, generator=g)
-    common.save_ply(str(tmp_path / "m.ply"), pts, cols, torch.tensor([[0, 1, 2], [2, 3, 4]]))
-    p, c = tw.load_ply(str(tmp_path / "m.ply"))
-    assert torch.allclose(p, pts, atol=1e-5) and torch.allclose(c, cols, atol=0.5 / 255 + 1e-6)
+    faces = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    common.save_ply(str(tmp_path / "m.ply"), pts, cols, faces)
+    p, c, f = tw.load_ply(str(tmp_path / "m.ply"))
+    assert torch.allclose(p, pts, atol=1e-5) and torch.allclose(c, cols, atol=0.5 / 255 + 1e-6)   # uint8
+    assert torch.equal(f, faces)
+    common.save_ply(str(tmp_path / "p.ply"), pts)                        # points only, no colours
+    p, c, f = tw.load_ply(str(tmp_path / "p.ply"))
+    assert torch.allclose(p, pts, atol=1e-5) and c.shape == (20, 3) and f.shape == (0, 3)
