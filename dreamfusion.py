@@ -33,13 +33,18 @@ DEVIATION: the CPU preset (the default) renders 32 px (upsampled to the toy SD's
 DEVIATION: guidance 30 (paper 100). Measured on "a red cube", seed 0, CPU preset, 300 steps: guidance 30
   -> toy-CLIP score 0.851, R-precision 8/8 over 30 toy captions; guidance 100 -> 0.793, 5/8, with
   darker, blotchier colours (the toy SD is small, its conditional / unconditional gap already large).
-RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs): 3 min 11 s wall in all
-  (133 s for 300 steps, the rest loading and export); a red block with the cube's silhouette from every
-  side, lumpy faces (noisy normals); toy-CLIP score 0.851, R-precision 8/8; a 16k-vertex mesh.
-  --ablate (same seed, one run each, so differences of a few hundredths are noise): toy-CLIP score /
-  R-precision: full 0.851 / 1.0, no blob 0.810 / 0.875, no shading 0.831 / 0.875, no view prompts
-  0.777 / 0.625, white background (no bg net) 0.739 / 0.625 (a red haze fills the cube), no orientation
-  loss 0.839 / 1.0, no opacity loss 0.813 / 1.0.
+RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs): 3 min 25 s wall in all
+  (141 s for 300 steps, the rest loading and export); a red block with the cube's silhouette from every
+  side, lumpy faces (noisy normals); toy-CLIP score 0.855, R-precision 8/8.
+RESULT (30 toy captions, H100, this preset, bench/eval_captions.py): meshes with the right shape and
+  colour 77% (shape 77%, colour 97%; target 90%), mean R-precision 0.46. Spheres come out as bumpy
+  balls that the toy CLIP reads as cubes (README).
+RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): 46.4 ms an iteration with
+  --compile, 10k iterations in 7.7 min, 5.2 GB peak (bench/RESULTS_dreamfusion.md).
+  --ablate (same seed, one run each, so differences of a few hundredths are noise; re-run after the
+  session-2 refactor): toy-CLIP score / R-precision: full 0.855 / 1.0, no blob 0.810 / 0.875, no shading
+  0.832 / 0.875, no view prompts 0.709 / 0.625, white background (no bg net) 0.766 / 0.75 (a red haze
+  fills the cube), no orientation loss 0.751 / 0.5, no opacity loss 0.864 / 1.0.
 """
 import argparse
 import math
