@@ -849,33 +849,35 @@ def generate(args):
 
 def parse_args(argv):
     if argv[:1] == ["train"]:
-        p = argparse.ArgumentParser(prog="pointe.py train", description="train the toy Point-E models")
-        p.add_argument("--stage", choices=["base", "upsample", "sdf", "all"], default="all")
+        p = argparse.ArgumentParser(prog="pointe.py train", description="train the toy Point-E models",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--stage", choices=["base", "upsample", "sdf", "all"], default="all", help="which model(s)")
         p.add_argument("--steps", type=int, default=3000, help="optimizer steps per stage")
-        p.add_argument("--batch", type=int, default=64)
-        p.add_argument("--lr", type=float, default=3e-4)
+        p.add_argument("--batch", type=int, default=64, help="clouds per optimizer step")
+        p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (200-step warm-up)")
         p.add_argument("--queries", type=int, default=2048, help="SDF samples per cloud (sdf stage)")
         p.add_argument("--pool", type=int, default=8192, help="renders embedded once (base stage)")
-        p.add_argument("--render-size", type=int, default=64)
+        p.add_argument("--render-size", type=int, default=64, help="pixels of those renders")
         p.add_argument("--sd-per-caption", type=int, default=256,
                        help="base stage: also this many toy-SD samples per caption (0: renders only)")
         p.add_argument("--prior", default="toy", help="text-to-image model of those samples")
         p.add_argument("--clip", default="toy", help="CLIP prior for the base stage's image vectors")
         p.add_argument("--time-limit", type=float, default=0.0, help="stop a stage after this many "
                        "seconds (0: run all --steps)")
-        p.add_argument("--save-every", type=int, default=500)
+        p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps")
         p.add_argument("--export", default="", help="also write the plain state dicts here (data/pointe)")
         common.add_run_flags(p, "train")
         args = p.parse_args(argv[1:])
         args.command = "train"
     elif argv[:1] == ["eval"]:
         p = argparse.ArgumentParser(prog="pointe.py eval", description="shape, colour and Chamfer "
-                                    "distance of toy clouds for all 30 toy captions")
+                                    "distance of toy clouds for all 30 toy captions",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--per-caption", type=int, default=4, help="clouds per caption")
         p.add_argument("--source", choices=["sd", "render"], default="sd",
                        help="conditioning images: toy-SD samples (the pipeline) or held-out toy renders")
         p.add_argument("--weights", default="", help="folder with toy-base.pt and toy-upsample.pt")
-        p.add_argument("--prior", default="toy")
+        p.add_argument("--prior", default="toy", help="text-to-image model of the conditioning images")
         p.add_argument("--batch", type=int, default=128, help="clouds sampled at once")
         p.add_argument("--steps", type=int, default=SAMPLER["steps"], help="Karras steps per stage")
         p.add_argument("--guidance", type=float, default=SAMPLER["guidance"], help="base stage")
@@ -884,18 +886,20 @@ def parse_args(argv):
         args = p.parse_args(argv[1:])
         args.command = "eval"
     else:
-        p = argparse.ArgumentParser(prog="pointe.py", description=__doc__.split("\n")[0])
-        p.add_argument("--prompt", required=True)
+        p = argparse.ArgumentParser(prog="pointe.py", description=__doc__.split("\n")[0],
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--prompt", required=True, help="the text (toy models: a toy caption, e.g. \"a red cube\")")
         p.add_argument("--base", default="toy", choices=["toy", "base40M-textvec", "base40M-imagevec",
-                                                         "base40M", "base300M", "base1B"])
+                                                         "base40M", "base300M", "base1B"],
+                       help="base model: the toy one or an official configuration")
         p.add_argument("--weights", default="", help="checkpoint folder (toy: data/pointe; official: "
                                                      "point_e_model_cache)")
         p.add_argument("--prior", default="toy", help="text-to-image model (image pipelines)")
         p.add_argument("--prior-steps", type=int, default=50, help="DDIM steps of the text-to-image model")
         p.add_argument("--clip", default="", help="CLIP prior (default: toy for toy, else ViT-L-14 openai)")
-        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--batch", type=int, default=1, help="samples drawn at once")
         p.add_argument("--steps", type=int, default=SAMPLER["steps"], help="Karras steps per stage")
-        p.add_argument("--guidance", type=float, default=SAMPLER["guidance"])
+        p.add_argument("--guidance", type=float, default=SAMPLER["guidance"], help="classifier-free guidance on x0")
         p.add_argument("--grid", type=int, default=0, help="marching-cubes grid (default 128; toy 64)")
         p.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                        help="auto: bf16 autocast for the diffusion models on CUDA")
