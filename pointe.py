@@ -892,7 +892,7 @@ def parse_args(argv):
         p.add_argument("--base", default="toy", choices=["toy", "base40M-textvec", "base40M-imagevec",
                                                          "base40M", "base300M", "base1B"],
                        help="base model: the toy one or an official configuration")
-        p.add_argument("--weights", default="", help="checkpoint folder (toy: data/pointe; official: "
+        p.add_argument("--weights", "--checkpoint", default="", help="checkpoint folder (toy: data/pointe; official: "
                                                      "point_e_model_cache)")
         p.add_argument("--prior", default="toy", help="text-to-image model (image pipelines)")
         p.add_argument("--prior-steps", type=int, default=50, help="DDIM steps of the text-to-image model")
