@@ -22,20 +22,40 @@ sys.path.insert(0, ROOT)
 import toyworld  # noqa: E402
 
 
-def run_one(script, caption, out, extra, threads):
-    name = caption.replace(" ", "_")
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--prompt", caption, "--name", name,
-           "--out", out, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    row = {"caption": caption, "seconds": round(time.time() - t0, 1), "rc": r.returncode}
-    folder = os.path.join(out, script, name)
-    if r.returncode != 0:
-        row["error"] = (r.stderr.strip().splitlines() or ["?"])[-1]
+def run_all(script: str, runs: list, out: str, jobs: int, threads: int = 0) -> dict:
+    """Run `<script>.py --prompt PROMPT --name NAME --out OUT FLAGS...` for every (name, prompt,
+    flags) in `runs`, `jobs` processes at a time (threads > 0: OMP_NUM_THREADS for each); each
+    run's output goes to <out>/<name, "/" as "__">.log. Returns {name: (seconds, returncode, log)}."""
+    os.makedirs(out, exist_ok=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+    def one(run):
+        name, prompt, flags = run
+        log = os.path.join(out, name.replace("/", "__") + ".log")
+        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--prompt", prompt, "--name", name,
+               "--out", out, *flags]
+        t0 = time.time()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        if rc:
+            print(f"{name}: {script}.py exited {rc} (see {log})", flush=True)
+        return name, (time.time() - t0, rc, log)
+    with ThreadPoolExecutor(jobs) as ex:
+        return dict(ex.map(one, runs))
+
+
+def score(script: str, caption: str, out: str, seconds: float, rc: int, log: str) -> dict:
+    """One caption's row: the run's metrics.json (the last stage's, for staged scripts) and
+    toyworld.classify of its mesh."""
+    row = {"caption": caption, "seconds": round(seconds, 1), "rc": rc}
+    folder = os.path.join(out, script, caption.replace(" ", "_"))
+    if rc != 0:
+        with open(log) as f:
+            row["error"] = ([line for line in f.read().splitlines() if line.strip()] or ["?"])[-1]
         return row
     with open(os.path.join(folder, "metrics.json")) as f:
         m = json.load(f)
+    m = m.get("fine", m)                                   # magic3d: metrics per stage
     row.update(clip_score=m.get("clip_score"), r_precision=m.get("r_precision"))
     mesh = os.path.join(folder, "mesh.ply")
     if os.path.isfile(mesh):
@@ -60,8 +80,8 @@ def main():
     extra = argv[cut + 1:]                                   # after "--": flags for the script
     caps = toyworld.CAPTIONS[:a.captions]
     t0 = time.time()
-    with ThreadPoolExecutor(a.jobs) as ex:
-        rows = list(ex.map(lambda c: run_one(a.script, c, a.out, extra, a.threads), caps))
+    done = run_all(a.script, [(c.replace(" ", "_"), c, extra) for c in caps], a.out, a.jobs, a.threads)
+    rows = [score(a.script, c, a.out, *done[c.replace(" ", "_")]) for c in caps]
     ok = [r for r in rows if r["rc"] == 0]
     lines = [f"`{a.script}.py {' '.join(extra)}` on {len(caps)} toy captions, {a.jobs} at a time, "
              f"{time.time() - t0:.0f} s in all", "",

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import eval_captions  # noqa: E402
 import toyworld  # noqa: E402
 
 SCALES = torch.logspace(np.log10(0.5), np.log10(2.0), 13)      # candidate object scales (canonical = 1)
@@ -91,22 +91,9 @@ def nearest_colour(rgb: torch.Tensor) -> str:
 
 
 def run_all(jobs, args):
-    """Run dreamfields.py once per job (run name, prompt, flags), args.jobs at a time."""
-    pending, running = list(jobs), {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name, cap, flags = pending.pop(0)
-            cmd = [sys.executable, os.path.join(ROOT, "dreamfields.py"), "--prompt", cap, "--name", name,
-                   "--out", args.out, "--device", args.device, "--video-frames", "12"] + flags
-            log = open(os.path.join(args.out, name.replace("/", "__") + ".log"), "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[name]
-                if proc.returncode:
-                    print(f"{name}: dreamfields.py exited {proc.returncode} (see {log.name})", flush=True)
-        time.sleep(0.5)
+    """Run dreamfields.py for every (name, caption, flags), args.jobs at a time."""
+    runs = [(name, cap, ["--device", args.device, "--video-frames", "12"] + flags) for name, cap, flags in jobs]
+    eval_captions.run_all("dreamfields", runs, args.out, args.jobs)
 
 
 def check(caption: str, run_dir: str) -> dict:

@@ -11,7 +11,6 @@ eval_views.png (a held-out fine-stage view per caption: shapes down, colours acr
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -20,28 +19,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import eval_captions  # noqa: E402
 import toyworld  # noqa: E402
 
 
 def run_all(captions, args, extra):
     """Run magic3d.py once per caption, args.jobs at a time. Returns {caption: seconds}."""
-    pending, running, seconds = list(captions), {}, {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            cap = pending.pop(0)
-            cmd = [sys.executable, os.path.join(ROOT, "magic3d.py"), "--prompt", cap, "--name", cap.replace(" ", "_"),
-                   "--out", args.out, "--device", args.device] + extra
-            log = open(os.path.join(args.out, cap.replace(" ", "_") + ".log"), "w")
-            running[cap] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time(), log)
-        for cap, (proc, t0, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                seconds[cap] = time.time() - t0
-                del running[cap]
-                if proc.returncode:
-                    print(f"{cap}: magic3d.py exited {proc.returncode} (see {log.name})", flush=True)
-        time.sleep(0.5)
-    return seconds
+    runs = [(c.replace(" ", "_"), c, ["--device", args.device] + extra) for c in captions]
+    done = eval_captions.run_all("magic3d", runs, args.out, args.jobs)
+    return {c: done[c.replace(" ", "_")][0] for c in captions}
 
 
 def check(caption: str, run_dir: str, seconds: float) -> dict:
