@@ -1395,6 +1395,22 @@ def resolve_pretrained(name: str) -> str:
                         "cached under $HF_HOME), or pass a local folder or `toy` with --prior")
 
 
+def toy_prior_vocab(folder: str):
+    """The prompt vocabulary of a bundled toy prior folder (its toy_vocab.json), or None."""
+    path = os.path.join(folder, TOY_VOCAB_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["words"]
+
+
+def check_prior_prompt(prior: str, prompt: str):
+    """Refuse a prompt outside a toy diffusion prior's vocabulary before any model is loaded."""
+    words = toy_prior_vocab(resolve_pretrained(prior))
+    if words is not None:
+        check_toy_prompt(prompt, words, "--prior")
+
+
 def _load_component(folder: str, sub: str, library: str, cls_name: str, dtype):
     """One pipeline component, e.g. ("transformers", "CLIPTextModel") from folder/text_encoder."""
     cls = getattr(importlib.import_module(library), cls_name)
@@ -1444,11 +1460,7 @@ class DiffusionPrior:
         self.resolution = (size if isinstance(size, int) else size[0]) * self.vae_scale  # model's pixels
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)  # (T,)
-        vocab_file = os.path.join(folder, TOY_VOCAB_FILE)
-        self.toy_vocab = None
-        if os.path.isfile(vocab_file):
-            with open(vocab_file) as f:
-                self.toy_vocab = json.load(f)["words"]
+        self.toy_vocab = toy_prior_vocab(folder)
         self._embeddings = {}
 
     def compile(self):
@@ -1609,14 +1621,6 @@ class DiffusionPrior:
 # An object field (density + albedo from position, normals from the density), a background
 # network on the ray direction, shading with a point light, the orientation loss, and a renderer
 # that ties them together (with optional empty-space skipping by an OccupancyGrid).
-
-
-def check_prior_prompt(prior: str, prompt: str):
-    """Refuse a prompt outside a toy diffusion prior's vocabulary before any model is loaded."""
-    vocab = os.path.join(resolve_pretrained(prior), TOY_VOCAB_FILE)
-    if os.path.isfile(vocab):
-        with open(vocab) as f:
-            check_toy_prompt(prompt, json.load(f)["words"], "--prior")
 
 
 class ObjectField(nn.Module):

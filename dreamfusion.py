@@ -166,11 +166,6 @@ def render_view(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, pertur
                                      cfg.normal_min_weight, cfg.lambda_orient > 0, bg, perturb, occupancy)
 
 
-def pick_shading(step: int, cfg, u: float) -> str:
-    """Albedo-only for the first --albedo-iters steps, then textureless / lambertian / albedo at random."""
-    return common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, u, cfg.shading)
-
-
 # ================================================================================================
 # Training (Sec. 3, App. A): one random camera per step, SDS on its render plus the regularisers
 # ================================================================================================
@@ -207,7 +202,8 @@ def train(cfg, run, prior, device):
         cam = common.sample_cameras(1, (cfg.radius_min, cfg.radius_max), (cfg.elev_min, cfg.elev_max),
                                     fov=(cfg.fov_min, cfg.fov_max))
         light = common.random_light(cam["c2w"][0, :3, 3], cfg.light_jitter).to(device)
-        mode = pick_shading(step, cfg, random.random())
+        mode = common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, random.random(),
+                                   cfg.shading)
         bg = None if cfg.bg_net and random.random() >= cfg.p_random_bg else \
             (torch.rand(3) if cfg.bg_net else torch.ones(3)).to(device)
         # --- 2. render ---

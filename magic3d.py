@@ -183,11 +183,6 @@ def sample_view(cfg, device, fov):
     return cam, light, bg
 
 
-def pick_shading(step: int, albedo_iters: int, cfg, u: float) -> str:
-    """Albedo-only for the first albedo_iters steps, then textureless / lambertian / albedo at random."""
-    return common.pick_shading(step, albedo_iters, cfg.p_textureless, cfg.p_lambertian, u, cfg.shading)
-
-
 # ================================================================================================
 # Coarse stage (Sec. 4.1): DreamFusion's recipe with a hash-grid field and an occupancy grid
 # ================================================================================================
@@ -235,7 +230,8 @@ def train_coarse(cfg, run, prior, device):
         t0 = time.perf_counter()
         # --- 1. a random camera, a light near it, a shading mode (albedo-only at first), a background ---
         cam, light, bg = sample_view(cfg, device, (cfg.fov_min, cfg.fov_max))
-        mode = pick_shading(step, cfg.albedo_iters, cfg, random.random())
+        mode = common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, random.random(),
+                                   cfg.shading)
         # --- 2. volume-render at low resolution, skipping empty space ---
         out = render_coarse(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
                             light, bg, perturb=True, occupancy=grid if cfg.occupancy else None)

@@ -98,10 +98,12 @@ def test_view_prompt(el, az, suffix):
 
 
 def test_shading_schedule():
+    def pick_shading(step, cfg, u):                       # as dreamfusion.train calls it
+        return common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, u, cfg.shading)
     cfg = small_cfg("--albedo-iters", "10", "--p-textureless", "0.3", "--p-lambertian", "0.5")
-    assert {df.pick_shading(s, cfg, u) for s in range(10) for u in (0.0, 0.5, 0.99)} == {"albedo"}
-    assert [df.pick_shading(10, cfg, u) for u in (0.1, 0.5, 0.9)] == ["textureless", "lambertian", "albedo"]
-    assert df.pick_shading(50, small_cfg("--no-shading"), 0.1) == "albedo"
+    assert {pick_shading(s, cfg, u) for s in range(10) for u in (0.0, 0.5, 0.99)} == {"albedo"}
+    assert [pick_shading(10, cfg, u) for u in (0.1, 0.5, 0.9)] == ["textureless", "lambertian", "albedo"]
+    assert pick_shading(50, small_cfg("--no-shading"), 0.1) == "albedo"
 
 
 def test_blob_makes_the_density_highest_at_the_origin():
