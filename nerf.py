@@ -192,7 +192,7 @@ def render(model, rays_o, rays_d, near, far, train: bool):
     mask = (dist < t_far[:, None]) & model.grid.query(pts)
     deltas = torch.full_like(t, model.dt)
     out = common.render_rays(model.fine, rays_o, rays_d, t, deltas, mask=mask, background=bg)
-    out["n_samples"] = int(mask.sum())
+    out["n_samples"] = len(out["weights"])                                 # the packed samples
     return out
 
 
