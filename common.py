@@ -660,7 +660,7 @@ def composite_packed(sigma: torch.Tensor, rgb: torch.Tensor, deltas: torch.Tenso
     Returns rgb (R, 3), depth (R,), opacity (R,) and weights (N,)."""
     tau = (sigma * deltas).double()                          # fp64: the running sum spans all rays
     before = tau.cumsum(0) - tau                             # sum of tau over all earlier samples
-    counts = torch.bincount(ray, minlength=n_rays)
+    counts = torch.zeros(n_rays, dtype=torch.long, device=ray.device).index_add_(0, ray, torch.ones_like(ray))
     first = (counts.cumsum(0) - counts).clamp(max=max(len(tau) - 1, 0))   # each ray's first sample
     start = before[first] if len(tau) else before.new_zeros(n_rays)
     trans = torch.exp(-(before - start[ray])).to(sigma.dtype)  # T_i = exp(-sum_{j<i, same ray} tau_j)

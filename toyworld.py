@@ -669,6 +669,18 @@ def build_toy_pipeline(tokenizer, width: int = 64, unet_channels=(64, 128, 128),
             "scheduler": scheduler}
 
 
+def load_toy_pipeline(folder: str) -> dict:
+    """The five components of a saved toy pipeline, in fp32 (to continue its training)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    kw = dict(torch_dtype=torch.float32, local_files_only=True)
+    return {"tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", low_cpu_mem_usage=False, **kw),
+            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", low_cpu_mem_usage=False, **kw),
+            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
+
+
 def save_pipeline(parts: dict, out: str, vocab_words=None):
     """Save as a diffusers pipeline folder (model_index.json + one subfolder per component), weights
     in fp16. vocab_words: the toy vocabulary, written to toy_vocab.json (the prompt guard)."""
@@ -835,19 +847,24 @@ def train_sd(args, device):
         t0 = time.time()
         images, captions = toy_sd_renders(args.n, args.size, args.seed, device)
         print(f"{len(images)} renders in {time.time() - t0:.0f}s")
-        texts = [f"{c}, {v}" for c in CAPTIONS for v in VIEW_SUFFIXES] + [""]
-        tokenizer = build_toy_tokenizer(texts)
-        parts = build_toy_pipeline(tokenizer, seed=args.seed)
-        vae, unet, te = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
+        if args.init:            # continue a trained pipeline: its tokenizer and VAE stay as they are
+            parts = load_toy_pipeline(args.init)
+            vae, unet, te = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
+            lat_mean, lat_std = encode_all(vae, images)
+            scale = vae.config.scaling_factor
+        else:
+            texts = [f"{c}, {v}" for c in CAPTIONS for v in VIEW_SUFFIXES] + [""]
+            parts = build_toy_pipeline(build_toy_tokenizer(texts), seed=args.seed)
+            vae, unet, te = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
+            t0 = time.time()
+            l1 = train_vae(vae, images, args.vae_steps)
+            lat_mean, lat_std = encode_all(vae, images)
+            scale = 1.0 / lat_mean.std().item()              # unit-variance latents, as SD's 0.18215
+            vae.register_to_config(scaling_factor=scale)
+            print(f"vae: {time.time() - t0:.0f}s, final l1 {l1:.4f}, scaling_factor {scale:.4f}")
         t0 = time.time()
-        l1 = train_vae(vae, images, args.vae_steps)
-        lat_mean, lat_std = encode_all(vae, images)
-        scale = 1.0 / lat_mean.std().item()                  # unit-variance latents, as SD's 0.18215
-        vae.register_to_config(scaling_factor=scale)
-        print(f"vae: {time.time() - t0:.0f}s, final l1 {l1:.4f}, scaling_factor {scale:.4f}")
-        t0 = time.time()
-        train_unet(unet, te, tokenizer, parts["scheduler"], lat_mean * scale, lat_std * scale, captions,
-                   args.unet_steps)
+        train_unet(unet, te, parts["tokenizer"], parts["scheduler"], lat_mean * scale, lat_std * scale, captions,
+                   args.unet_steps, lr=args.unet_lr)
         print(f"unet: {args.unet_steps} steps in {time.time() - t0:.0f}s")
         # the prompt guard's vocabulary: the caption words (the view suffixes are the prior's own)
         save_pipeline(parts, args.out, [w for c in CAPTIONS for w in c.split()])
@@ -890,6 +907,8 @@ def main():
     d.add_argument("--size", type=int, default=64)
     d.add_argument("--vae-steps", type=int, default=2500)
     d.add_argument("--unet-steps", type=int, default=2311)
+    d.add_argument("--unet-lr", type=float, default=4e-4, help="UNet (and text encoder) learning rate")
+    d.add_argument("--init", default="", help="continue training this saved toy pipeline (its VAE is kept)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--eval-only", action="store_true", help="skip training: evaluate --out")
     d.add_argument("--eval-per-caption", type=int, default=10, help="samples per caption (0: no evaluation)")
