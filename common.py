@@ -401,7 +401,8 @@ def load_blender(root: str, split: str, half_res: bool = False, white_bkgd: bool
     """Load one split of a Blender-format scene.
 
     Returns dict: images (N, H, W, 3) float32 in [0, 1] (composited over white if white_bkgd,
-    else premultiplied over black), poses (N, 4, 4) c2w, H, W, focal (pixels), near 2, far 6.
+    else premultiplied over black), alpha (N, H, W), poses (N, 4, 4) c2w, H, W, focal (pixels),
+    near 2, far 6.
     focal = 0.5 W / tan(0.5 camera_angle_x); half_res averages 2x2 pixels and halves the focal.
     Missing or malformed files raise UserError."""
     import imageio.v3 as iio
@@ -423,7 +424,7 @@ def load_blender(root: str, split: str, half_res: bool = False, white_bkgd: bool
         raise UserError(f"{path}: expected a non-empty list of 4x4 transform_matrix entries")
     if max_images:
         files, poses = files[:max_images], poses[:max_images]
-    imgs = []
+    imgs, alphas = [], []
     for fp in files:
         fp = fp if os.path.splitext(fp)[1] else fp + ".png"
         if not os.path.exists(fp):
@@ -440,12 +441,13 @@ def load_blender(root: str, split: str, half_res: bool = False, white_bkgd: bool
             im = np.concatenate([pm[..., :3] / np.maximum(pm[..., 3:], 1e-8), pm[..., 3:]], -1)
         rgb, a = im[..., :3], im[..., 3:]
         imgs.append(rgb * a + (1.0 - a) if white_bkgd else rgb * a)
+        alphas.append(a[..., 0])
     images = torch.from_numpy(np.stack(imgs))
     H, W = images.shape[1:3]
     shapes = {im.shape for im in imgs}
     if len(shapes) != 1:
         raise UserError(f"{root}: images of split {split} differ in size: {shapes}")
-    return {"images": images, "poses": torch.from_numpy(poses), "H": H, "W": W,
+    return {"images": images, "alpha": torch.from_numpy(np.stack(alphas)), "poses": torch.from_numpy(poses), "H": H, "W": W,
             "focal": 0.5 * W / math.tan(0.5 * angle), "near": 2.0, "far": 6.0}
 
 

@@ -75,7 +75,7 @@ PRESETS = {
     "paper": dict(size=64, n_samples=128, n_levels=16, log2_table=19, max_res=2048, coarse_iters=10_000,
                   albedo_iters=2000, tet_res=128, fine_size=512, fine_iters=5000, threads=0, guidance=100.0,
                   fine_guidance=100.0, ambient=0.1, lambda_orient=1e-2, fd_eps=1e-2, fine_fov_min=30.0,
-                  fine_fov_max=45.0, lambda_normal=1e4, lr_sdf=1e-2, video_size=256),
+                  fine_fov_max=45.0, lambda_normal=1e4, lr_sdf=1e-2, video_size=256, compile=True),
 }
 DEFAULTS = dict(
     prompt="a red cube",      # the text the object should match (a view suffix is appended per camera)
@@ -152,6 +152,7 @@ DEFAULTS = dict(
     preview_every=100,        # write a preview every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
+    compile=False,            # CUDA: torch.compile the prior's UNet (as a CUDA graph) and VAE encoder
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
 STAGES = ("coarse", "fine", "all")
@@ -536,6 +537,8 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
+        if cfg.compile and device.type == "cuda":
+            prior.compile()
         run = common.RunDir(cfg.out, "magic3d", cfg.name)
         if cfg.stage in ("coarse", "all"):
             field, bg_net, start, step, elapsed, curve = train_coarse(cfg, run, prior, device)

@@ -49,12 +49,15 @@ def main():
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per stage first")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench_magic3d"))
     p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true", help="eager prior (the paper preset compiles it)")
     args = p.parse_args()
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     prior = build_prior(dev)
+    if not args.no_compile:
+        prior.compile()          # as magic3d.py's paper preset does (--compile)
     prior._embeddings.setdefault(PROMPT, torch.randn(1, 77, 1024, device=dev, dtype=torch.float16))
     run = common.RunDir(args.out, "magic3d", f"bench_{int(time.time())}")
     base = ["--preset", "paper", "--prompt", PROMPT, "--no-view-prompts", "--device", args.device, "--eval-clip", "",
@@ -81,7 +84,8 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
 
     total = sum(ms * PAPER_STEPS[s] / 1e3 for s, (ms, _) in rows.items())
-    lines = [f"Magic3D at the paper's sizes, SD-2.1-base-shaped UNet + VAE (random weights, fp16, eager), "
+    lines = [f"Magic3D at the paper's sizes, SD-2.1-base-shaped UNet + VAE (random weights, fp16, "
+             f"{'eager' if args.no_compile else 'compiled prior'}), "
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.steps} timed steps per stage "
              f"after {w}; peak memory {peak:.1f} GiB", "",
              "| stage | ms / step | paper steps | projected minutes | notes |", "| --- | ---: | ---: | ---: | --- |"]
