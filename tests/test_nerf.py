@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import common
 import nerf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +85,25 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
         run_nerf(tmp_path, "--iters", "5", "--lr", "inf")
     assert e.value.code == 2
     assert not (tmp_path / "nerf" / "default" / "metrics.json").exists()
+
+
+def test_inference_early_termination_matches_one_full_march():
+    """render(train=False) marches 64 steps at a time and drops rays whose transmittance fell below
+    1e-4; the colours must match one march over all steps (render's training path, u = 0.5)."""
+    torch.manual_seed(0)
+    cfg = nerf.parse_args(["--device", "cpu", "--n-steps", "200", "--grid-res", "16"])
+    model = nerf.Model(cfg)
+    with torch.no_grad():
+        model.fine.grid.table.normal_(0, 8.0)                       # cloudy: some rays opaque, some not
+    model.grid.update(model.density)
+    rays_o = torch.tensor([[0.0, -4.0, 0.3]]).repeat(64, 1)
+    rays_d = torch.nn.functional.normalize(torch.randn(64, 3) * 0.2 + torch.tensor([0.0, 1.0, 0.0]), dim=-1)
+    with torch.no_grad():
+        out = nerf.render(model, rays_o, rays_d, 2.0, 6.0, train=False)
+        t_near, t_far = common.ray_aabb(rays_o, rays_d, model.grid.aabb)
+        full = model.march(rays_o, rays_d, t_near.clamp(min=2.0), t_far, torch.full((64, 1), 0.5), 0, 200,
+                           torch.ones(3))
+    opaque = out["opacity"] > 1 - 1e-4                               # these rays stopped early
+    assert opaque.sum() > 5 and (out["opacity"] < 0.9).sum() >= 3
+    assert torch.allclose(out["rgb"], full["rgb"], atol=2e-4)
+    assert torch.allclose(out["opacity"], full["opacity"], atol=2e-4)

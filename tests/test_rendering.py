@@ -172,6 +172,7 @@ def test_loader_focal_poses_and_white_compositing(tmp_path):
     assert torch.allclose(d["poses"][0], torch.tensor(pose))
     assert torch.allclose(d["images"][0, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(d["images"][0, -1, 0], torch.tensor([1.0, 1.0, 1.0]))   # transparent -> white
+    assert d["alpha"].shape == (1, 4, 4) and d["alpha"][0, 0, 0] == 1 and d["alpha"][0, -1, 0] == 0
     h = common.load_blender(str(tmp_path), "train", half_res=True)
     assert h["images"].shape[1:3] == (2, 2) and h["focal"] == pytest.approx(d["focal"] / 2)
 
