@@ -218,8 +218,7 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
         rgb[alive] += trans[alive, None] * out["rgb"]
         depth[alive] += trans[alive] * out["depth"]
         trans[alive] *= 1 - out["opacity"]
-    out = {"rgb": rgb + trans[:, None] * bg if bg is not None else rgb, "depth": depth, "opacity": 1 - trans}
-    return out
+    return {"rgb": rgb + trans[:, None] * bg if bg is not None else rgb, "depth": depth, "opacity": 1 - trans}
 
 
 @torch.no_grad()
