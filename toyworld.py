@@ -5,8 +5,9 @@ distance function (SDF) in a canonical pose (z up, centred at the origin), rende
 tracing with lambertian shading. The method scripts never import this file: they load the priors
 it trains from data/ (data/toy_clip here), exactly as they would load a real model.
 
-  python toyworld.py train-clip [--steps N] [--device cuda]   train the toy CLIP -> data/toy_clip
+  python toyworld.py train-clip [--steps N] [--decoys F] [--device cuda]   train the toy CLIP -> data/toy_clip
   python toyworld.py eval-clip                                  zero-shot top-1 on held-out renders
+  python toyworld.py eval-clip --n 0 --decoys 60                decoys vs true shapes, Dream Fields' view
   python toyworld.py train-sd [--device cuda]                  train the toy Stable Diffusion -> data/toy_sd
   python toyworld.py train-sd --eval-only                       toy-CLIP recognition of its samples
   python toyworld.py preview                                    a grid of renders -> out/toyworld/
@@ -102,12 +103,41 @@ SDFS = {"cube": sdf_cube, "sphere": sdf_sphere, "cylinder": sdf_cylinder, "cone"
         "torus": sdf_torus}
 
 
+# Decoys: near misses of two shapes that belong to NO caption. The toy CLIP is trained to push them
+# away from every caption (train_clip --decoys), so that a filled torus no longer passes for a torus
+# nor a rounded cube for a cube. Both are a convex set grown by a ball (a Minkowski sum), whose
+# exact SDF is the distance to the set minus the ball's radius.
+ROUND_r = 0.2                                      # rounded cube: edge radius (outer side stays 0.8)
+
+
+def sdf_filled_torus(p: torch.Tensor) -> torch.Tensor:
+    """The toy torus with its hole filled: the points within TORUS_r of the disc |p_xy| <= TORUS_R,
+    z = 0. Distance to the disc: |(max(|p_xy| - R, 0), z)|; minus r."""
+    q = torch.stack([(p[:, :2].norm(dim=-1) - TORUS_R).clamp(min=0), p[:, 2]], -1)
+    return q.norm(dim=-1) - TORUS_r
+
+
+def sdf_rounded_cube(p: torch.Tensor) -> torch.Tensor:
+    """The toy cube with edges and corners rounded by ROUND_r: the box of half side
+    CUBE_HALF - ROUND_r grown by a ball of radius ROUND_r (same outer extent as the cube)."""
+    q = p.abs() - (CUBE_HALF - ROUND_r)
+    return q.clamp(min=0).norm(dim=-1) + q.amax(-1).clamp(max=0) - ROUND_r
+
+
+DECOYS = {"filled torus": sdf_filled_torus, "rounded cube": sdf_rounded_cube}
+DECOY_OF = {"filled torus": "torus", "rounded cube": "cube"}     # the caption shape each one imitates
+# Renderer shape indices: 0..4 the SHAPES, then the DECOYS (5 = filled torus, 6 = rounded cube).
+OBJECTS = SHAPES + list(DECOYS)
+OBJECT_SDFS = {**SDFS, **DECOYS}
+
+
 def sdf_by_shape(q: torch.Tensor, shape_idx: torch.Tensor) -> torch.Tensor:
-    """Canonical-pose distance of each point q (N, 3) to its own shape SHAPES[shape_idx] (N,)."""
+    """Canonical-pose distance of each point q (N, 3) to its own object OBJECTS[shape_idx] (N,):
+    a shape of the captions (index < 5) or a decoy."""
     d = torch.empty_like(q[:, 0])
-    for k, name in enumerate(SHAPES):
+    for k, name in enumerate(OBJECTS):
         m = shape_idx == k
-        d[m] = SDFS[name](q[m])
+        d[m] = OBJECT_SDFS[name](q[m])
     return d
 
 
@@ -280,7 +310,8 @@ def scene_normals(x, shape_idx, yaw, scale, h: float = 1e-3):
 
 def render_objects(shape_idx, colour_idx, c2w, fov, size: int, yaw, scale, light_dir, ambient,
                    supersample: int = 2):
-    """Render one object per image. shape_idx, colour_idx (B,) long; c2w (B, 4, 4); fov (B,)
+    """Render one object per image. shape_idx (B,) long, into OBJECTS (the SHAPES, then the
+    DECOYS); colour_idx (B,) long; c2w (B, 4, 4); fov (B,)
     degrees; yaw (B,) radians; scale (B,); light_dir (B, 3) unit, pointing at the light;
     ambient (B,). Lambertian shading: colour = albedo * (ambient + (1 - ambient) max(0, n.l)).
     Renders at size * supersample and box-filters down (anti-aliasing).
@@ -375,13 +406,15 @@ def backgrounds(kinds: list, size: int, generator: torch.Generator) -> torch.Ten
 # ================================================================================================
 
 
-def sample_scenes(n: int, held_out: bool, generator: torch.Generator) -> dict:
+def sample_scenes(n: int, held_out: bool, generator: torch.Generator, decoys: bool = False) -> dict:
     """Random objects, cameras and lights (on the CPU generator). Object yaw is drawn from the
     first half of each 90-degree quadrant for training, the second half for held-out; the light
-    sits near the camera, its azimuth offset |da| < 35 degrees (training) or 35..60 (held out)."""
+    sits near the camera, its azimuth offset |da| < 35 degrees (training) or 35..60 (held out).
+    decoys: the objects are random DECOYS (shape_idx 5, 6, ...) instead of SHAPES."""
     g = generator
     u = lambda *s: torch.rand(*s, generator=g)                                     # noqa: E731
-    shape_idx = torch.randint(0, len(SHAPES), (n,), generator=g)
+    shape_idx = (torch.randint(0, len(DECOYS), (n,), generator=g) + len(SHAPES) if decoys
+                 else torch.randint(0, len(SHAPES), (n,), generator=g))
     colour_idx = torch.randint(0, len(COLOURS), (n,), generator=g)
     cams = common.sample_cameras(n, radius=(3.0, 4.0), elevation=(-10.0, 60.0), fov=(35.0, 45.0), generator=g)
     quadrant = torch.randint(0, 4, (n,), generator=g)
@@ -436,12 +469,14 @@ TOY_CLIP_CONFIG = {
                        "resize_mode": "squash"},
 }
 TOY_VOCAB = ["a"] + list(COLOURS) + SHAPES
+NONE = len(CAPTIONS)        # the training target of a decoy: the extra "none" class after the 30 captions
 
 
-def render_pool(n: int, size: int, seed: int, device, chunk: int = 256) -> dict:
+def render_pool(n: int, size: int, seed: int, device, chunk: int = 256, decoys: bool = False) -> dict:
     """n training-distribution objects without backgrounds: premultiplied rgb (n, 3, size, size)
-    and alpha (n, 1, size, size) in half precision, and caption indices (n,)."""
-    sc = sample_scenes(n, held_out=False, generator=torch.Generator().manual_seed(seed))
+    and alpha (n, 1, size, size) in half precision, and caption indices (n,). decoys: the objects
+    are DECOYS, whose caption index is NONE (no caption)."""
+    sc = sample_scenes(n, held_out=False, generator=torch.Generator().manual_seed(seed), decoys=decoys)
     rgb, alpha = [], []
     for i in range(0, n, chunk):
         s = {k: v[i:i + chunk].to(device) for k, v in sc.items()}
@@ -449,8 +484,8 @@ def render_pool(n: int, size: int, seed: int, device, chunk: int = 256) -> dict:
                               s["light_dir"], s["ambient"])
         rgb.append(c.half())
         alpha.append(a.half())
-    return {"rgb": torch.cat(rgb), "alpha": torch.cat(alpha),
-            "caption_idx": (sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]).to(device)}
+    caption_idx = torch.full((n,), NONE) if decoys else sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]
+    return {"rgb": torch.cat(rgb), "alpha": torch.cat(alpha), "caption_idx": caption_idx.to(device)}
 
 
 def random_crops(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
@@ -479,12 +514,32 @@ def write_clip_folder(folder: str, state_dict=None, info=None):
         json.dump({"vocab": TOY_VOCAB, "captions": CAPTIONS, **(info or {})}, f, indent=2)
 
 
-def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed: int, device):
+def caption_or_none_loss(logits: torch.Tensor, target: torch.Tensor, none_logit=None) -> torch.Tensor:
+    """CLIP's InfoNCE over the caption set, optionally with one extra "none" class for decoys.
+    logits z (B, 30) = s <f(image_i), g(caption_j)>; target y (B,) in 0..29, or NONE for a decoy.
+    Without none_logit: loss = mean_i -log softmax_j(z_ij)[y_i].
+    With a scalar none_logit b, shared by every image:
+        loss = mean_i -log( exp(z_{i,y_i}) / (sum_j exp(z_ij) + exp(b)) ),   z_{i,NONE} := b,
+    so a real image must beat b with its own caption, and a decoy must stay below b with all 30."""
+    if none_logit is None:
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(torch.cat([logits, none_logit.expand(len(logits), 1)], -1), target)
+
+
+def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed: int, device,
+               decoys: float = 0.0):
     """Train the toy CLIP from scratch. Every batch holds all 30 captions, so the contrastive
     (InfoNCE) loss of CLIP is taken over the full caption set: for image i with caption y_i,
     loss_i = -log softmax_j(s * <f(image_i), g(caption_j)>)[y_i], with the learned temperature s.
-    Each image is a pooled object composited over a fresh random background, then a random crop."""
+    Each image is a pooled object composited over a fresh random background, then a random crop.
+    decoys: the fraction of each batch that are DECOYS (a random decoy in a random toy colour, with
+    the same cameras, lights, backgrounds and crops), trained towards the "none" class of
+    caption_or_none_loss. Its logit is b = s * tau with tau a learned cosine threshold (a scalar
+    that only training uses: the saved model is a plain open_clip model). decoys = 0: no decoys,
+    no "none" class (the loss above, exactly)."""
     import open_clip
+    if not 0.0 <= decoys < 1.0:
+        raise common.UserError(f"--decoys {decoys} must be in [0, 1)")
     common.seed_everything(seed)
     write_clip_folder(out)                              # the architecture first: open_clip builds from it
     model, _, _ = open_clip.create_model_and_transforms("local-dir:" + out, device=device)
@@ -492,11 +547,18 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     tokens = tokenizer(CAPTIONS).to(device)                                                 # (30, 16)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (OPENAI_MEAN, OPENAI_STD))
     size = TOY_CLIP_CONFIG["model_cfg"]["vision_cfg"]["image_size"]
+    n_decoy = round(decoys * batch)                     # decoy images per batch
     t0 = time.time()
     pool = render_pool(pool_size, size, seed, device)
-    print(f"rendered {pool_size} objects in {time.time() - t0:.0f} s", flush=True)
+    params = [{"params": model.parameters(), "weight_decay": 0.05}]
+    if decoys > 0:
+        decoy_pool = render_pool(max(1, round(decoys * pool_size)), size, seed + 5000, device, decoys=True)
+        tau = torch.nn.Parameter(torch.zeros((), device=device))        # the "none" cosine threshold
+        params.append({"params": [tau], "weight_decay": 0.0})
+    print(f"rendered {pool_size} objects" + (f" and {len(decoy_pool['rgb'])} decoys" if decoys > 0 else "")
+          + f" in {time.time() - t0:.0f} s", flush=True)
     g = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr)
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then cosine decay to 0
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
@@ -505,16 +567,22 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     model.train()
     bar = common.progress(range(steps), desc="toy CLIP")
     for step in bar:
-        idx = torch.randint(0, pool_size, (batch,), generator=g, device=device)
+        idx = torch.randint(0, pool_size, (batch - n_decoy,), generator=g, device=device)
+        rgb, alpha, target = pool["rgb"][idx], pool["alpha"][idx], pool["caption_idx"][idx]
+        if n_decoy:                                     # the decoys go last in the batch
+            d = torch.randint(0, len(decoy_pool["rgb"]), (n_decoy,), generator=g, device=device)
+            rgb, alpha, target = (torch.cat([v, decoy_pool[k][d]]) for v, k in
+                                  ((rgb, "rgb"), (alpha, "alpha"), (target, "caption_idx")))
         kinds = [TRAIN_BACKGROUNDS[k] for k in torch.randint(0, len(TRAIN_BACKGROUNDS), (batch,)).tolist()]
-        alpha = pool["alpha"][idx].float()
-        images = pool["rgb"][idx].float() + (1 - alpha) * backgrounds(kinds, size, g)
+        alpha = alpha.float()
+        images = rgb.float() + (1 - alpha) * backgrounds(kinds, size, g)
         images = random_crops(images, g)
         with autocast:
             img = F.normalize(model.encode_image((images - mean) / std), dim=-1)           # (B, 128)
             txt = F.normalize(model.encode_text(tokens), dim=-1)                           # (30, 128)
-            logits = model.logit_scale.exp() * img.float() @ txt.float().T                # (B, 30)
-            loss = F.cross_entropy(logits, pool["caption_idx"][idx])
+            s = model.logit_scale.exp()
+            logits = s * img.float() @ txt.float().T                                      # (B, 30)
+            loss = caption_or_none_loss(logits, target, s * tau if decoys > 0 else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -522,8 +590,11 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 100 == 0:
-            acc = (logits.argmax(-1) == pool["caption_idx"][idx]).float().mean()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
+            acc = (logits[:batch - n_decoy].argmax(-1) == target[:batch - n_decoy]).float().mean()
+            stats = {"loss": f"{loss.item():.3f}", "acc": f"{acc.item():.3f}"}
+            if n_decoy:                                 # decoys whose best caption is below the threshold
+                stats["rejected"] = f"{(logits[batch - n_decoy:].amax(-1) < s * tau).float().mean().item():.3f}"
+            bar.set_postfix(**stats)
     # keep the file small: half precision, and the token rows of words the captions never use
     # (they were never trained) set to zero, so the file compresses
     state = {k: v.detach().half().cpu() for k, v in model.state_dict().items()}
@@ -531,7 +602,9 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     used[tokens.unique().cpu()] = True
     state["token_embedding.weight"][~used] = 0
     info = {"trained": {"steps": steps, "batch": batch, "pool": pool_size, "lr": lr, "seed": seed,
-                        "device": str(device), "seconds": round(time.time() - t0)}}
+                        "decoys": decoys, "device": str(device), "seconds": round(time.time() - t0)}}
+    if decoys > 0:
+        info["trained"].update(decoy_pool=len(decoy_pool["rgb"]), none_cosine=round(tau.item(), 4))
     write_clip_folder(out, state, info)
     return info
 
@@ -546,6 +619,49 @@ def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, hel
         images, idx = random_renders(min(500, n - i), 64, seed=seed + i, device=device, held_out=held_out)
         correct += prior.r_precision(images, CAPTIONS, idx) * len(idx)
     return correct / n
+
+
+@torch.no_grad()
+def decoy_similarity(model: str, n: int, seed: int, device, pretrained: str = None, size: int = 32,
+                     elevation: float = 30.0) -> dict:
+    """Does the CLIP tell each decoy from the shape it imitates, from Dream Fields' view? For each
+    decoy, n scenes (training-distribution colour, yaw, size, light) seen from `elevation` degrees at
+    distance 4 with Dream Fields' field of view (Blender's 39.6 degrees, focal x 1.2), rendered at
+    `size` px (its CPU preset) on white, once with the decoy and once with the true shape. Returns
+    {decoy: {"caption": "a <colour> <shape>", "decoy": mean cosine of the decoy renders to their
+    caption, "true": the same for the true shape, "decoy_higher": fraction of scenes where the decoy
+    scores higher}}."""
+    from common import CLIPPrior
+    prior = CLIPPrior(model, pretrained, device=device, flag="--model/--pretrained")
+    txt = prior.encode_text(CAPTIONS)                                                     # (30, D)
+    fov = math.degrees(2 * math.atan(math.tan(0.5 * 0.6911112) / 1.2))
+    out = {}
+    for k, (name, shape) in enumerate(DECOY_OF.items()):
+        g = torch.Generator().manual_seed(seed + k)
+        sc = sample_scenes(n, held_out=False, generator=g)
+        az, el = torch.rand(n, generator=g) * 360.0, torch.full((n,), elevation)
+        sc["c2w"], sc["fov"] = common.pose_spherical(torch.full((n,), 4.0), el, az), torch.full((n,), fov)
+        light_el = (el + 30.0 * torch.rand(n, generator=g)).clamp(max=85.0)     # as sample_scenes
+        sc["light_dir"] = common.spherical_to_cartesian(1.0, light_el, az + (torch.rand(n, generator=g) * 2 - 1) * 35.0)
+        cap = SHAPES.index(shape) * len(COLOURS) + sc["colour_idx"]                       # (n,)
+        sims = {}
+        for kind, idx in (("decoy", OBJECTS.index(name)), ("true", SHAPES.index(shape))):
+            s = {key: v.to(device) for key, v in sc.items()}
+            rgb, alpha = render_objects(torch.full((n,), idx, device=device), s["colour_idx"], s["c2w"],
+                                        s["fov"], size, s["yaw"], s["scale"], s["light_dir"], s["ambient"])
+            img = prior.encode_image((rgb + 1 - alpha).clamp(0, 1))                          # white background
+            sims[kind] = (img * txt[cap.to(device)]).sum(-1)                                  # (n,)
+        out[name] = {"caption": f"a <colour> {shape}", "decoy": sims["decoy"].mean().item(),
+                     "true": sims["true"].mean().item(),
+                     "decoy_higher": (sims["decoy"] > sims["true"]).float().mean().item()}
+    return out
+
+
+def print_decoy_similarity(sims: dict, n: int):
+    """One line per decoy of decoy_similarity's result."""
+    for name, r in sims.items():
+        print(f"{name:13s} vs {r['caption']:18s} (30 deg, {n} each): decoy {r['decoy']:.3f}, true "
+              f"{r['true']:.3f}, decoy higher in {100 * r['decoy_higher']:.0f}% of the scenes")
 
 
 # ================================================================================================
@@ -897,10 +1013,16 @@ def main():
     t.add_argument("--pool", type=int, default=20000, help="number of pre-rendered objects")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--eval-n", type=int, default=3000, help="held-out renders for the final evaluation")
+    t.add_argument("--decoys", type=float, default=0.15,
+                   help="fraction of each batch that are decoys (filled tori, rounded cubes) trained towards "
+                        "no caption; 0: none (the original training)")
     e = sub.add_parser("eval-clip", help="zero-shot top-1 of a CLIP on held-out toy renders")
     e.add_argument("--model", default="toy", help="toy | an open_clip folder | architecture (with --pretrained)")
     e.add_argument("--pretrained", default=None)
-    e.add_argument("--n", type=int, default=3000)
+    e.add_argument("--n", type=int, default=3000, help="held-out renders for the top-1 (0: skip it)")
+    e.add_argument("--decoys", type=int, default=0, metavar="N",
+                   help="also N renders per decoy and of its true shape from Dream Fields' 30-degree view: "
+                        "mean cosine to the caption of the true shape (e.g. 60)")
     d = sub.add_parser("train-sd", help="train (or with --eval-only, evaluate) the toy Stable Diffusion (-> data/toy_sd)")
     d.add_argument("--out", default="data/toy_sd")
     d.add_argument("--n", type=int, default=24000, help="training renders")
@@ -923,14 +1045,22 @@ def main():
     a = p.parse_args()
     device = common.pick_device(a.device)
     if a.cmd == "train-clip":
-        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device)
+        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device, a.decoys)
         acc = eval_clip(a.out, a.eval_n, 10_000 + a.seed, device)
         info["zero_shot_top1_held_out"] = {"top1": round(acc, 4), "renders": a.eval_n}
+        sims = decoy_similarity(a.out, 300, 20_000 + a.seed, device)
+        info["decoy_similarity_30deg"] = {k: {m: (round(v, 4) if isinstance(v, float) else v) for m, v in r.items()}
+                                          for k, r in sims.items()}
         write_clip_folder(a.out, info=info)
         print(f"zero-shot top-1 on {a.eval_n} held-out renders: {acc:.4f}")
+        print_decoy_similarity(sims, 300)
     elif a.cmd == "eval-clip":
-        acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained)
-        print(f"zero-shot top-1 on {a.n} held-out renders: {acc:.4f}")
+        if a.n:
+            acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained)
+            print(f"zero-shot top-1 on {a.n} held-out renders: {acc:.4f}")
+        if a.decoys:
+            print_decoy_similarity(decoy_similarity(a.model, a.decoys, 20_000 + a.seed, device, a.pretrained),
+                                   a.decoys)
     elif a.cmd == "train-sd":
         train_sd(a, device)
     elif a.cmd == "preview":

@@ -1,4 +1,6 @@
-"""The toy world: analytic SDFs, area-uniform surface samples, the sphere tracer, random renders."""
+"""The toy world: analytic SDFs, area-uniform surface samples, the sphere tracer, random renders,
+the decoys and the toy CLIP's training with them."""
+import json
 import math
 
 import pytest
@@ -150,3 +152,114 @@ def test_load_ply_reads_back_what_save_ply_wrote(tmp_path):
     common.save_ply(str(tmp_path / "p.ply"), pts)                        # points only, no colours
     p, c, f = tw.load_ply(str(tmp_path / "p.ply"))
     assert torch.allclose(p, pts, atol=1e-5) and c.shape == (20, 3) and f.shape == (0, 3)
+
+
+# ---- decoys: near-miss shapes of no caption (train_clip --decoys) --------------------------------
+
+@pytest.mark.parametrize("name,point,dist", [
+    ("filled torus", (0, 0, 0), -0.15), ("filled torus", (0, 0, 0.1), -0.05), ("filled torus", (0, 0, 1), 0.85),
+    ("filled torus", (0.2, 0, 0.15), 0.0), ("filled torus", (0.5, 0, 0), -0.05), ("filled torus", (1, 0, 0), 0.45),
+    ("filled torus", (0.7, 0, 0.4), 0.35),
+    ("rounded cube", (0, 0, 0), -0.4), ("rounded cube", (1, 0, 0), 0.6), ("rounded cube", (0.4, 0, 0), 0.0),
+    ("rounded cube", (0.35, 0.1, 0), -0.05), ("rounded cube", (0.3, 0.3, 0), math.hypot(0.1, 0.1) - 0.2),
+    ("rounded cube", (0.5, 0.5, 0.5), math.sqrt(3) * 0.3 - 0.2),
+])
+def test_decoy_sdf_at_known_points(name, point, dist):
+    assert float(tw.DECOYS[name](torch.tensor([point], dtype=torch.float32))) == pytest.approx(dist, abs=1e-5)
+
+
+def _disc_points(h=0.01):
+    """The disc |xy| <= 0.4, z = 0: a square grid of spacing h plus its rim, densely."""
+    c = torch.arange(-0.4, 0.4 + 1e-6, h)
+    xy = torch.cartesian_prod(c, c)
+    theta = torch.linspace(0, 2 * math.pi, 2000)
+    xy = torch.cat([xy[xy.norm(dim=-1) <= 0.4], 0.4 * torch.stack([theta.cos(), theta.sin()], -1)])
+    return torch.cat([xy, torch.zeros(len(xy), 1)], -1)
+
+
+def _box_surface_points(half=0.2, h=0.01):
+    """The six faces of the box |p_i| <= half on a grid of spacing h (edges included)."""
+    c = torch.linspace(-half, half, round(2 * half / h) + 1)
+    uv = torch.cartesian_prod(c, c)
+    faces = []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            f = torch.zeros(len(uv), 3)
+            f[:, [a for a in range(3) if a != axis]] = uv
+            f[:, axis] = sign * half
+            faces.append(f)
+    return torch.cat(faces)
+
+
+def test_decoy_sdfs_are_unions_of_balls_by_brute_force():
+    """Both decoys are a convex set K grown by a ball of radius r: outside K the signed distance is
+    min over the points c of K of |p - c| - r (the filled torus: K the disc, r 0.15, everywhere; the
+    rounded cube: K the box of half side 0.2, r 0.2). Inside the rounded cube's K the distance to the
+    nearest face is r + (0.2 - max_i |p_i|). Plus the unit gradient of an exact SDF (autograd)."""
+    g = torch.Generator().manual_seed(0)
+    p = (torch.rand(400, 3, generator=g) * 2 - 1) * 0.7
+    ft = tw.sdf_filled_torus(p)
+    ref = torch.cdist(p, _disc_points()).amin(1) - 0.15
+    assert (ft - ref).abs().max() < 0.01
+    rc = tw.sdf_rounded_cube(p)
+    in_k = (p.abs() <= 0.2).all(-1)
+    ref = torch.where(in_k, -(0.2 + 0.2 - p.abs().amax(-1)), torch.cdist(p, _box_surface_points()).amin(1) - 0.2)
+    assert in_k.any() and (rc - ref).abs().max() < 0.01
+    for sdf in tw.DECOYS.values():
+        q = p.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(sdf(q).sum(), q)
+        assert (grad.norm(dim=-1) - 1).abs().quantile(0.95) < 1e-4
+
+
+def test_decoys_render_after_the_shapes_and_keep_the_captions():
+    assert tw.OBJECTS[:5] == tw.SHAPES and tw.OBJECTS[5:] == list(tw.DECOYS) and len(tw.CAPTIONS) == 30
+    p = torch.rand(70, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    idx = torch.arange(70) % 7
+    expect = torch.stack([tw.OBJECT_SDFS[tw.OBJECTS[k]](p[i:i + 1])[0] for i, k in enumerate(idx.tolist())])
+    assert torch.allclose(tw.sdf_by_shape(p, idx), expect)
+    sc = tw.sample_scenes(50, False, torch.Generator().manual_seed(2), decoys=True)
+    assert set(sc["shape_idx"].tolist()) == {5, 6}
+    # seen from straight above, the torus has a hole at its centre and the filled torus has none
+    n = 2
+    c2w = common.pose_spherical(torch.full((n,), 3.5), torch.full((n,), 89.0), torch.zeros(n))
+    _, alpha = tw.render_objects(torch.tensor([4, 5]), torch.tensor([2, 2]), c2w, torch.full((n,), 40.0), 24,
+                                 torch.zeros(n), torch.ones(n), torch.tensor([[0.0, 0.0, 1.0]] * n), torch.full((n,), 0.3))
+    assert alpha[0, 0, 12, 12] == 0 and alpha[1, 0, 12, 12] == 1
+    # silhouette areas: annulus of radii R -+ r (0.25, 0.55) vs the disc of radius R + r
+    assert float(alpha[0].sum() / alpha[1].sum()) == pytest.approx(1 - 0.25 ** 2 / 0.55 ** 2, abs=0.05)
+
+
+def test_caption_or_none_loss_matches_its_formula():
+    g = torch.Generator().manual_seed(0)
+    z, b = torch.randn(5, 30, generator=g) * 3, torch.tensor(1.5)
+    y = torch.tensor([0, 29, tw.NONE, 7, tw.NONE])
+    own = torch.stack([b if t == tw.NONE else z[i, t] for i, t in enumerate(y.tolist())])
+    expect = -(own.exp() / (z.exp().sum(-1) + b.exp())).log().mean()
+    assert tw.caption_or_none_loss(z, y, b).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert tw.caption_or_none_loss(z[:2], y[:2]).item() == pytest.approx(
+        -(z[[0, 1], [0, 29]].exp() / z[:2].exp().sum(-1)).log().mean().item(), rel=1e-5)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a busy shared 2-core machine a second torch thread costs far more than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_clip_with_decoys_saves_a_folder_the_prior_loads(tmp_path, one_thread):
+    out = str(tmp_path / "clip")
+    info = tw.train_clip(out, steps=2, batch=4, pool_size=4, lr=1e-3, seed=0, device="cpu", decoys=0.25)
+    assert info["trained"]["decoys"] == 0.25 and info["trained"]["decoy_pool"] == 1
+    with open(tmp_path / "clip" / "toyworld.json") as f:
+        saved = json.load(f)
+    assert saved["captions"] == tw.CAPTIONS and saved["trained"]["decoys"] == 0.25
+    prior = common.CLIPPrior(out)                 # a plain open_clip model: no "none" parameter in it
+    assert prior.encode_text(tw.CAPTIONS).shape == (30, 128)
+    sims = tw.decoy_similarity(out, 1, 0, "cpu", size=16)
+    assert list(sims) == list(tw.DECOYS)
+    assert all(-1 <= r[k] <= 1 for r in sims.values() for k in ("decoy", "true"))
+    with pytest.raises(common.UserError):
+        tw.train_clip(out, 1, 4, 4, 1e-3, 0, "cpu", decoys=1.0)
