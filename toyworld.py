@@ -527,7 +527,7 @@ def caption_or_none_loss(logits: torch.Tensor, target: torch.Tensor, none_logit=
 
 
 def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed: int, device,
-               decoys: float = 0.0):
+               decoys: float = 0.0, init: str = ""):
     """Train the toy CLIP from scratch. Every batch holds all 30 captions, so the contrastive
     (InfoNCE) loss of CLIP is taken over the full caption set: for image i with caption y_i,
     loss_i = -log softmax_j(s * <f(image_i), g(caption_j)>)[y_i], with the learned temperature s.
@@ -536,13 +536,16 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     the same cameras, lights, backgrounds and crops), trained towards the "none" class of
     caption_or_none_loss. Its logit is b = s * tau with tau a learned cosine threshold (a scalar
     that only training uses: the saved model is a plain open_clip model). decoys = 0: no decoys,
-    no "none" class (the loss above, exactly)."""
+    no "none" class (the loss above, exactly). init: an open_clip folder whose weights to start from
+    (fine-tuning a trained toy CLIP, e.g. with decoys) instead of a random initialisation."""
     import open_clip
     if not 0.0 <= decoys < 1.0:
         raise common.UserError(f"--decoys {decoys} must be in [0, 1)")
     common.seed_everything(seed)
     write_clip_folder(out)                              # the architecture first: open_clip builds from it
     model, _, _ = open_clip.create_model_and_transforms("local-dir:" + out, device=device)
+    if init:
+        model.load_state_dict(torch.load(os.path.join(init, "open_clip_pytorch_model.bin"), map_location=device))
     tokenizer = open_clip.get_tokenizer("local-dir:" + out)
     tokens = tokenizer(CAPTIONS).to(device)                                                 # (30, 16)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (OPENAI_MEAN, OPENAI_STD))
@@ -601,10 +604,13 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     used = torch.zeros(state["token_embedding.weight"].shape[0], dtype=torch.bool)
     used[tokens.unique().cpu()] = True
     state["token_embedding.weight"][~used] = 0
-    info = {"trained": {"steps": steps, "batch": batch, "pool": pool_size, "lr": lr, "seed": seed,
+    info = {"trained": {"steps": steps, "batch": batch, "pool": pool_size, "lr": lr, "seed": seed, "init": init,
                         "decoys": decoys, "device": str(device), "seconds": round(time.time() - t0)}}
     if decoys > 0:
         info["trained"].update(decoy_pool=len(decoy_pool["rgb"]), none_cosine=round(tau.item(), 4))
+    if init:                                            # keep the record of the model fine-tuned here
+        with open(os.path.join(init, "toyworld.json")) as f:
+            info["trained"]["init_trained"] = json.load(f).get("trained")
     write_clip_folder(out, state, info)
     return info
 
@@ -1013,6 +1019,7 @@ def main():
     t.add_argument("--pool", type=int, default=20000, help="number of pre-rendered objects")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--eval-n", type=int, default=3000, help="held-out renders for the final evaluation")
+    t.add_argument("--init", default="", help="start from this trained open_clip folder (e.g. data/toy_clip)")
     t.add_argument("--decoys", type=float, default=0.15,
                    help="fraction of each batch that are decoys (filled tori, rounded cubes) trained towards "
                         "no caption; 0: none (the original training)")
@@ -1045,7 +1052,7 @@ def main():
     a = p.parse_args()
     device = common.pick_device(a.device)
     if a.cmd == "train-clip":
-        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device, a.decoys)
+        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device, a.decoys, a.init)
         acc = eval_clip(a.out, a.eval_n, 10_000 + a.seed, device)
         info["zero_shot_top1_held_out"] = {"top1": round(acc, 4), "renders": a.eval_n}
         sims = decoy_similarity(a.out, 300, 20_000 + a.seed, device)

@@ -1,6 +1,7 @@
 """The toy world: analytic SDFs, area-uniform surface samples, the sphere tracer, random renders,
 the decoys and the toy CLIP's training with them."""
 import json
+import os
 import math
 
 import pytest
@@ -263,3 +264,13 @@ def test_train_clip_with_decoys_saves_a_folder_the_prior_loads(tmp_path, one_thr
     assert all(-1 <= r[k] <= 1 for r in sims.values() for k in ("decoy", "true"))
     with pytest.raises(common.UserError):
         tw.train_clip(out, 1, 4, 4, 1e-3, 0, "cpu", decoys=1.0)
+
+
+def test_train_clip_init_starts_from_the_given_weights(tmp_path, one_thread):
+    """With a zero learning rate, a fine-tuning run from data/toy_clip saves exactly its weights."""
+    out = str(tmp_path / "clip")
+    info = tw.train_clip(out, steps=1, batch=4, pool_size=4, lr=0.0, seed=0, device="cpu", init=tw.TOY_CLIP_DIR)
+    assert info["trained"]["init"] == tw.TOY_CLIP_DIR and info["trained"]["init_trained"]["steps"] > 0
+    a = torch.load(os.path.join(tw.TOY_CLIP_DIR, "open_clip_pytorch_model.bin"))
+    b = torch.load(os.path.join(out, "open_clip_pytorch_model.bin"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
