@@ -1,13 +1,19 @@
-"""Time one SDS step of a Stable-Diffusion-2.1-base-shaped prior (random weights) on the GPU.
+"""Time the priors at real size with random weights on the GPU: one SDS step of a
+Stable-Diffusion-2.1-base-shaped model, and the CLIP ViT-B/16 image embedding of 8 crops.
 
-One step = bilinear upsample of a 64x64 render to 512, VAE encode with gradient to 4x64x64
+SDS: one step = bilinear upsample of a 64x64 render to 512, VAE encode with gradient to 4x64x64
 latents, one UNet call on a batch of 2 (unconditional + conditional) without gradient, the
 guidance arithmetic, and the backward pass through the VAE encoder to the render. fp16.
 Variants: plain eager; channels_last; torch.compile of the UNet (and of the VAE encoder).
 SDPA (torch's fused attention) is diffusers' default attention in every variant.
 
-    python bench/bench_priors.py [--batch 1] [--iters 30]
-Prints a markdown table: ms per step (median over iters) and peak GPU memory.
+CLIP: 8 crops (224 px, as Dream Fields feeds its 154-px crops resized) through open_clip's ViT-B-16
+image tower via common.CLIPPrior.encode_image (preprocessing included): the embedding alone
+(no gradient) and the embedding with the backward pass to the crops (Dream Fields' use).
+Variants: fp32 (TF32 matmuls), bf16 autocast, bf16 autocast + torch.compile of the tower.
+
+    python bench/bench_priors.py [--part sds|clip|all] [--batch 1] [--iters 30]
+Prints markdown tables: ms (median over iters) and peak GPU memory.
 """
 import argparse
 import os
@@ -17,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DiffusionPrior  # noqa: E402
 
 # Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base), unet/config.json and vae/config.json
@@ -70,8 +77,52 @@ def time_step(prior, batch: int, iters: int, warmup: int):
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+def time_clip(prior, crops: int, iters: int, warmup: int, amp: bool, backward: bool):
+    """Median ms of one embedding of `crops` random 224-px images (with the backward pass to them
+    if `backward`) and the peak memory in GiB."""
+    images = torch.rand(crops, 3, 224, 224, device=prior.mean.device, requires_grad=backward)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp), torch.set_grad_enabled(backward):
+            emb = prior.encode_image(images)                                     # (crops, 512)
+        if backward:
+            emb.sum().backward()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def bench_clip(iters: int, crops: int = 8):
+    """The CLIP table: ViT-B-16 (random weights), `crops` crops, three precisions x with/without backward."""
+    from bench_dreamfields import random_clip
+    prior = random_clip("ViT-B-16", torch.device("cuda"))
+    rows = []
+    for name, amp in (("fp32 (TF32)", False), ("bf16 autocast", True), ("bf16 autocast + torch.compile", True)):
+        if "compile" in name:
+            prior.model.visual = torch.compile(prior.model.visual)
+        for backward in (False, True):
+            rows.append((name, "embedding + backward" if backward else "embedding") +
+                        time_clip(prior, crops, iters, 5 if "compile" in name else 3, amp, backward))
+    print(f"\nCLIP ViT-B/16 image tower (open_clip ViT-B-16, random weights), {crops} crops of 224 px, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| precision | pass | ms (median) | peak memory (GiB) |")
+    print("| --- | --- | ---: | ---: |")
+    for name, kind, ms, mem in rows:
+        print(f"| {name} | {kind} | {ms:.1f} | {mem:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["sds", "clip", "all"], default="all")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=30)
     args = p.parse_args()
@@ -79,6 +130,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+    if args.part in ("clip", "all"):
+        bench_clip(args.iters)
+    if args.part == "clip":
+        return
     prior = build_prior(dev)
     rows = []
     rows.append(("eager (SDPA)",) + time_step(prior, args.batch, args.iters, 3))
