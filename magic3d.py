@@ -5,7 +5,8 @@ Run:
     python magic3d.py --prompt "a green cone" --stage coarse     # the coarse stage only ...
     python magic3d.py --prompt "a green cone" --stage fine       # ... then the fine stage from its checkpoint
     python magic3d.py --preset paper --prompt "a DSLR photo of a corgi" \\
-        --prior stabilityai/stable-diffusion-2-1-base            # a real latent diffusion model (a GPU)
+        --prior stabilityai/stable-diffusion-2-1-base            # a real latent diffusion model (a GPU;
+                                                                  # ~15 min on an H100, bench/RESULTS_magic3d.md)
     python magic3d.py --name run1 --resume --fine-iters 400      # continue a run (Ctrl-C saves a checkpoint)
 Outputs in out/magic3d/<name>/: config.json, coarse.pt and fine.pt (checkpoints), coarse_*.mp4 and
 fine_*.mp4 (colour / textureless / normals turntables of both stages), coarse_preview.png, preview.png,
