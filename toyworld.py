@@ -937,6 +937,20 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, capt
 
 
 @torch.no_grad()
+def eval_vae(folder: str, n: int, seed: int, device) -> tuple:
+    """The ceiling that the autoencoder puts on the samples: toy-CLIP top-1 over the 30 captions of
+    n training-distribution renders (toy_sd_renders) and of their VAE reconstructions
+    decode(mean of encode(x)). Returns (top-1 of the renders, top-1 of the reconstructions)."""
+    prior = common.DiffusionPrior(folder, device=device)
+    vae = prior.vae.float()
+    images, captions = toy_sd_renders(n, 64, seed, device)
+    rec = ((vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    clip = common.CLIPPrior("toy", device=device)
+    true = [CAPTIONS.index(c.split(",")[0]) for c in captions]
+    return clip.r_precision(images, CAPTIONS, true), clip.r_precision(rec, CAPTIONS, true)
+
+
+@torch.no_grad()
 def eval_sd(folder: str, per_caption: int, seed: int, device, guidance: float = 7.5, clip="toy",
              samples_png: str = ""):
     """Sample `per_caption` images of every toy caption (DDIM, 50 steps, `guidance`) and return
@@ -991,6 +1005,10 @@ def train_sd(args, device):
         # the prompt guard's vocabulary: the caption words (the view suffixes are the prior's own)
         save_pipeline(parts, args.out, [w for c in CAPTIONS for w in c.split()])
         print(f"saved {args.out}")
+    if args.eval_per_caption and os.path.isdir(common.TOY_CLIP["toy"]):
+        raw, rec = eval_vae(args.out, 300, 10_000 + args.seed, device)
+        print(f"toy CLIP top-1 on 300 renders: {100 * raw:.1f}%; on their VAE reconstructions: {100 * rec:.1f}% "
+              "(the ceiling for the samples)")
     if args.eval_per_caption:
         t0 = time.time()
         res = eval_sd(args.out, args.eval_per_caption, args.seed, device, args.eval_guidance,
