@@ -990,7 +990,8 @@ def train_sd(args, device):
             scale = vae.config.scaling_factor
         else:
             texts = [f"{c}, {v}" for c in CAPTIONS for v in VIEW_SUFFIXES] + [""]
-            parts = build_toy_pipeline(build_toy_tokenizer(texts), seed=args.seed)
+            vae_channels = tuple(int(c) for c in args.vae_channels.split(","))
+            parts = build_toy_pipeline(build_toy_tokenizer(texts), vae_channels=vae_channels, seed=args.seed)
             vae, unet, te = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
             t0 = time.time()
             l1 = train_vae(vae, images, args.vae_steps)
@@ -1055,6 +1056,7 @@ def main():
     d.add_argument("--vae-steps", type=int, default=2500)
     d.add_argument("--unet-steps", type=int, default=2311)
     d.add_argument("--unet-lr", type=float, default=4e-4, help="UNet (and text encoder) learning rate")
+    d.add_argument("--vae-channels", default="32,64,64", help="VAE channels per level (multiples of 16)")
     d.add_argument("--init", default="", help="continue training this saved toy pipeline (its VAE is kept)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--eval-only", action="store_true", help="skip training: evaluate --out")
