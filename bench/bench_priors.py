@@ -55,14 +55,9 @@ def build_prior(device):
     return prior
 
 
-def time_step(prior, batch: int, iters: int, warmup: int):
-    """Median ms of one SDS step (forward + backward to the render) and the peak memory in GiB."""
-    render = torch.rand(batch, 3, 64, 64, device=prior.device, requires_grad=True)
-    gen = torch.Generator(prior.device).manual_seed(0)
-
-    def step():
-        loss, _ = prior.sds_loss(render, "a hamburger", elevation=10.0, azimuth=0.0, generator=gen)
-        loss.backward()
+def median_ms(step, iters: int, warmup: int):
+    """Median wall ms of step() over iters calls after warmup ones (CUDA-synchronised), and the
+    peak GPU memory of those calls in GiB."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -75,6 +70,17 @@ def time_step(prior, batch: int, iters: int, warmup: int):
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def time_step(prior, batch: int, iters: int, warmup: int):
+    """Median ms of one SDS step (forward + backward to the render) and the peak memory in GiB."""
+    render = torch.rand(batch, 3, 64, 64, device=prior.device, requires_grad=True)
+    gen = torch.Generator(prior.device).manual_seed(0)
+
+    def step():
+        loss, _ = prior.sds_loss(render, "a hamburger", elevation=10.0, azimuth=0.0, generator=gen)
+        loss.backward()
+    return median_ms(step, iters, warmup)
 
 
 def time_clip(prior, crops: int, iters: int, warmup: int, amp: bool, backward: bool):
@@ -87,18 +93,7 @@ def time_clip(prior, crops: int, iters: int, warmup: int, amp: bool, backward: b
             emb = prior.encode_image(images)                                     # (crops, 512)
         if backward:
             emb.sum().backward()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2 ** 30
+    return median_ms(step, iters, warmup)
 
 
 def bench_clip(iters: int, crops: int = 8):
