@@ -22,6 +22,22 @@ sys.path.insert(0, ROOT)
 import toyworld  # noqa: E402
 
 
+def split_flags(argv: list):
+    """argv -> (the evaluation's own arguments, the flags after `--` for every run of the script)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return argv[:cut], argv[cut + 1:]
+
+
+def caption_parser(doc: str, script: str, jobs: int) -> argparse.ArgumentParser:
+    """The flags every per-caption evaluation of `script` takes: --jobs, --device, --out, --captions."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=jobs, help=f"{script}.py processes at a time")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", f"eval_{script}"))
+    p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
+    return p
+
+
 def run_all(script: str, runs: list, out: str, jobs: int, threads: int = 0) -> dict:
     """Run `<script>.py --prompt PROMPT --name NAME --out OUT FLAGS...` for every (name, prompt,
     flags) in `runs`, `jobs` processes at a time (threads > 0: OMP_NUM_THREADS for each); each
@@ -74,10 +90,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--captions", type=int, default=30, help="the first this many toy captions")
-    argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
-    a = p.parse_args(argv[:cut])
-    extra = argv[cut + 1:]                                   # after "--": flags for the script
+    own, extra = split_flags(sys.argv[1:])
+    a = p.parse_args(own)
     caps = toyworld.CAPTIONS[:a.captions]
     t0 = time.time()
     done = run_all(a.script, [(c.replace(" ", "_"), c, extra) for c in caps], a.out, a.jobs, a.threads)

@@ -16,7 +16,6 @@ FLAGS after `--` go to every dreamfields.py run (e.g. `-- --iters 600`); --varia
 eval_<variant>.md/.json and eval_views_<variant>.png (a held-out view per caption: shapes down, colours
 across).
 """
-import argparse
 import json
 import math
 import os
@@ -37,14 +36,10 @@ SCALES = torch.logspace(np.log10(0.5), np.log10(2.0), 13)      # candidate objec
 YAWS = torch.deg2rad(torch.arange(0.0, 90.0, 10.0))             # the cube's yaw (the others are round about z)
 
 
-def sdf_disc(p: torch.Tensor) -> torch.Tensor:
-    """A torus with its hole filled (a flat disc with a round rim): the shape a Dream Field makes when
-    it gets the torus's outline but not its hole. p (N, 3) -> (N,)."""
-    return toyworld._sdf_box2(p[:, :2].norm(dim=-1), p[:, 2], toyworld.TORUS_R, 0.0) - toyworld.TORUS_r
-
-
 def disc_points(n: int, generator) -> torch.Tensor:
-    """n points uniform by area on sdf_disc's surface: the two flat faces and the outer half of the tube."""
+    """n points uniform by area on the surface of toyworld's filled torus (the torus with its hole
+    filled, the shape a Dream Field makes when it gets the outline but not the hole): the two flat
+    faces and the outer half of the tube."""
     R, r = toyworld.TORUS_R, toyworld.TORUS_r
     faces, rim = 2 * math.pi * R ** 2, 2 * math.pi * r * (math.pi * R + 2 * r)       # areas
     tube, _ = toyworld.surface_points("torus", "red", 4 * n, generator)
@@ -58,7 +53,7 @@ def disc_points(n: int, generator) -> torch.Tensor:
 
 # the shapes a mesh is compared with: the toy shapes and a decoy (the torus without its hole)
 CANDIDATES = {**{s: (toyworld.SDFS[s], lambda n, g, s=s: toyworld.surface_points(s, "red", n, g)[0])
-                 for s in toyworld.SHAPES}, "disc": (sdf_disc, disc_points)}
+                 for s in toyworld.SHAPES}, "disc": (toyworld.sdf_filled_torus, disc_points)}
 
 
 def shape_distances(verts: torch.Tensor, n: int = 2000, seed: int = 0) -> dict:
@@ -169,16 +164,10 @@ def read_variants(path: str, default_flags: list) -> dict:
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", type=int, default=8, help="dreamfields.py processes at a time")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=os.path.join(ROOT, "out", "eval_dreamfields"))
-    p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
+    own, extra = eval_captions.split_flags(sys.argv[1:])
+    p = eval_captions.caption_parser(__doc__, "dreamfields", jobs=8)
     p.add_argument("--variants", default="", help="a file of lines `name: FLAGS`: each variant over every caption")
-    args = p.parse_args(argv)
+    args = p.parse_args(own)
     os.makedirs(args.out, exist_ok=True)
     variants = read_variants(args.variants, extra)
     t0 = time.time()

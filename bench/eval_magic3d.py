@@ -8,7 +8,6 @@ R-precision of both stages is reported beside it.
 FLAGS after `--` go to every magic3d.py run. Prints a markdown table and writes eval.md, eval.json and
 eval_views.png (a held-out fine-stage view per caption: shapes down, colours across).
 """
-import argparse
 import json
 import os
 import sys
@@ -87,16 +86,10 @@ def montage(rows, out_dir: str):
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", type=int, default=10, help="magic3d.py processes at a time")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default=os.path.join(ROOT, "out", "eval_magic3d"))
-    p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
+    own, extra = eval_captions.split_flags(sys.argv[1:])
+    p = eval_captions.caption_parser(__doc__, "magic3d", jobs=10)
     p.add_argument("--collect-only", action="store_true", help="table the runs already in --out, run nothing")
-    args = p.parse_args(argv)
+    args = p.parse_args(own)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     seconds = {} if args.collect_only else run_all(args.captions, args, extra)
