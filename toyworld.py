@@ -792,15 +792,12 @@ def build_toy_pipeline(tokenizer, width: int = 64, unet_channels=(64, 128, 128),
 
 
 def load_toy_pipeline(folder: str) -> dict:
-    """The five components of a saved toy pipeline, in fp32 (to continue its training)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    kw = dict(torch_dtype=torch.float32, local_files_only=True)
-    return {"tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", low_cpu_mem_usage=False, **kw),
-            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", low_cpu_mem_usage=False, **kw),
-            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
+    """The five components of a saved toy pipeline, in fp32 (to continue its training), loaded as
+    common.DiffusionPrior loads them."""
+    classes = {"tokenizer": ("transformers", "CLIPTokenizer"), "text_encoder": ("transformers", "CLIPTextModel"),
+               "vae": ("diffusers", "AutoencoderKL"), "unet": ("diffusers", "UNet2DConditionModel"),
+               "scheduler": ("diffusers", "DDPMScheduler")}
+    return {sub: common._load_component(folder, sub, lib, cls, torch.float32) for sub, (lib, cls) in classes.items()}
 
 
 def save_pipeline(parts: dict, out: str, vocab_words=None):
