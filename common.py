@@ -447,8 +447,8 @@ def load_blender(root: str, split: str, half_res: bool = False, white_bkgd: bool
     shapes = {im.shape for im in imgs}
     if len(shapes) != 1:
         raise UserError(f"{root}: images of split {split} differ in size: {shapes}")
-    return {"images": images, "alpha": torch.from_numpy(np.stack(alphas)), "poses": torch.from_numpy(poses), "H": H, "W": W,
-            "focal": 0.5 * W / math.tan(0.5 * angle), "near": 2.0, "far": 6.0}
+    return {"images": images, "alpha": torch.from_numpy(np.stack(alphas)), "poses": torch.from_numpy(poses),
+            "H": H, "W": W, "focal": 0.5 * W / math.tan(0.5 * angle), "near": 2.0, "far": 6.0}
 
 
 # ================================================================================================
@@ -662,7 +662,8 @@ def composite_packed(sigma: torch.Tensor, rgb: torch.Tensor, deltas: torch.Tenso
     Returns rgb (R, 3), depth (R,), opacity (R,) and weights (N,)."""
     tau = (sigma * deltas).double()                          # fp64: the running sum spans all rays
     before = tau.cumsum(0) - tau                             # sum of tau over all earlier samples
-    counts = torch.zeros(n_rays, dtype=torch.long, device=ray.device).index_add_(0, ray, torch.ones_like(ray))
+    ones = torch.ones_like(ray)                              # samples per ray: bincount without its host sync
+    counts = torch.zeros(n_rays, dtype=torch.long, device=ray.device).index_add_(0, ray, ones)
     first = (counts.cumsum(0) - counts).clamp(max=max(len(tau) - 1, 0))   # each ray's first sample
     start = before[first] if len(tau) else before.new_zeros(n_rays)
     trans = torch.exp(-(before - start[ray])).to(sigma.dtype)  # T_i = exp(-sum_{j<i, same ray} tau_j)

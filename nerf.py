@@ -215,9 +215,10 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
             break
         out = model.march(rays_o[alive], rays_d[alive], t_near[alive], t_far[alive], u[alive], s0,
                           min(seg, cfg.n_steps - s0), None)
-        rgb[alive] += trans[alive, None] * out["rgb"]
-        depth[alive] += trans[alive] * out["depth"]
-        trans[alive] *= 1 - out["opacity"]
+        t_alive = trans[alive]                                                   # T_k of the live rays
+        rgb[alive] += t_alive[:, None] * out["rgb"]
+        depth[alive] += t_alive * out["depth"]
+        trans[alive] = t_alive * (1 - out["opacity"])
     return {"rgb": rgb + trans[:, None] * bg if bg is not None else rgb, "depth": depth, "opacity": 1 - trans}
 
 
@@ -264,10 +265,11 @@ def train(cfg):
     run = common.RunDir(cfg.out, "nerf", cfg.name)
     model = Model(cfg).to(device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    if cfg.compile and device.type == "cuda" and cfg.field == "mlp":
+    compiled = cfg.compile and device.type == "cuda"
+    if compiled and cfg.field == "mlp":
         model.coarse.compile(dynamic=True)
         model.fine.compile(dynamic=True)
-    elif cfg.compile and device.type == "cuda":   # the marcher: field + packed compositing (graph break at nonzero)
+    elif compiled:                       # the marcher: field + packed compositing (graph break at nonzero)
         model.march = torch.compile(model.march, dynamic=True)
     eps = 1e-15 if cfg.field == "hashgrid" else 1e-8
     betas = (0.9, 0.99) if cfg.field == "hashgrid" else (0.9, 0.999)
@@ -298,7 +300,7 @@ def train(cfg):
 
     amp = cfg.amp and device.type == "cuda"
     model.compile_seconds = 0.0
-    if cfg.compile and device.type == "cuda":     # compile before the clock starts: one forward + backward
+    if compiled:                                  # compile before the clock starts: one forward + backward
         t0, rng = time.perf_counter(), common.rng_state()
         rays_o, rays_d, _ = common.get_ray_batch(poses, H, W, focal, n_rays)
         bg = torch.rand_like(rays_o) if cfg.random_bkgd else None
@@ -354,7 +356,8 @@ def train(cfg):
         if eval_at and elapsed >= eval_at[0]:
             res = evaluate(model, test_set, device, cfg.test_views, with_ssim=False)   # SSIM: at the end
             curve.append({"seconds": round(elapsed, 2), "step": step, **res})
-            bar.write(f"[{elapsed:6.1f}s, step {step}] test PSNR {res['psnr']:.2f} ({res['eval_seconds']} s to evaluate)")
+            bar.write(f"[{elapsed:6.1f}s, step {step}] test PSNR {res['psnr']:.2f} "
+                      f"({res['eval_seconds']} s to evaluate)")
             eval_at = [s for s in eval_at if s > elapsed]
         if step % cfg.ckpt_every == 0 or ctrl_c.hit:
             checkpoint(step)
@@ -375,8 +378,8 @@ def export(cfg, model, run, data, step, elapsed, curve, device):
     test = evaluate(model, data["test"], device, cfg.test_views, save_dir=run.file("test"))
     val = evaluate(model, data["val"], device, cfg.test_views)
     metrics = {"test": test, "val": val, "iterations": step, "train_seconds": round(elapsed, 2),
-               "iters_per_second": round(step / max(elapsed, 1e-9), 2), "compile_seconds": round(model.compile_seconds, 1),
-               "curve": curve, "device": str(device)}
+               "iters_per_second": round(step / max(elapsed, 1e-9), 2),
+               "compile_seconds": round(model.compile_seconds, 1), "curve": curve, "device": str(device)}
     if device.type == "cuda":
         metrics["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     run.write_json("metrics.json", metrics)          # written again below with the mesh's size
