@@ -446,10 +446,10 @@ def evaluate(field, cfg, origin, prior, ev, device):
     """CLIP score (mean cosine with the prompt, loss CLIP and eval CLIP), R-precision, transmittance."""
     images, trans = eval_views(field, cfg, origin, device)
     caps = eval_captions(cfg, ev)
-    m = {"clip_score": prior.similarity(prior.encode_image(images), prior.encode_text([cfg.prompt])).mean().item(),
-         "mean_transmittance": trans}
     # the eval CLIP: its score, and R-precision / caption margin (> 0: the prompt wins) among the captions
     ev_m = common.caption_metrics(ev, images, cfg.prompt, caps)
+    loss_m = ev_m if ev is prior else common.caption_metrics(prior, images, cfg.prompt)    # the loss CLIP
+    m = {"clip_score": loss_m["clip_score"], "mean_transmittance": trans}
     m["eval_clip_score"] = ev_m.pop("clip_score")
     m.update(ev_m)
     if caps is None:
