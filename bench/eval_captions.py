@@ -17,8 +17,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import toyworld  # noqa: E402
 
 
@@ -36,6 +39,19 @@ def caption_parser(doc: str, script: str, jobs: int) -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(ROOT, "out", f"eval_{script}"))
     p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions")
     return p
+
+
+def save_caption_grid(cells: dict, path: str):
+    """One (S, S, 3) picture per caption in `cells` (a non-empty dict) in a grid: toyworld's shapes
+    down, its colours across; captions without a picture stay white."""
+    S = next(iter(cells.values())).shape[0]
+    grid = torch.ones(len(toyworld.SHAPES) * S, len(toyworld.COLOURS) * S, 3)
+    for i, shape in enumerate(toyworld.SHAPES):
+        for j, colour in enumerate(toyworld.COLOURS):
+            cap = f"a {colour} {shape}"
+            if cap in cells:
+                grid[i * S:(i + 1) * S, j * S:(j + 1) * S] = cells[cap]
+    common.save_image(path, grid)
 
 
 def run_all(script: str, runs: list, out: str, jobs: int, threads: int = 0) -> dict:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
 import eval_captions  # noqa: E402
 import toyworld  # noqa: E402
 
@@ -140,14 +139,7 @@ def montage(rows, runs_dir: str, path: str):
             continue
         img = iio.imread(os.path.join(runs_dir, r["caption"].replace(" ", "_"), "views.png"))
         cells[r["caption"]] = torch.from_numpy(img[:, :img.shape[0], :3]).float() / 255   # (S, S, 3)
-    S = next(iter(cells.values())).shape[0]
-    grid = torch.ones(len(toyworld.SHAPES) * S, len(toyworld.COLOURS) * S, 3)
-    for i, shape in enumerate(toyworld.SHAPES):
-        for j, colour in enumerate(toyworld.COLOURS):
-            cap = f"a {colour} {shape}"
-            if cap in cells:
-                grid[i * S:(i + 1) * S, j * S:(j + 1) * S] = cells[cap]
-    common.save_image(path, grid)
+    eval_captions.save_caption_grid(cells, path)
 
 
 def read_variants(path: str, default_flags: list) -> dict:

@@ -17,7 +17,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
 import eval_captions  # noqa: E402
 import toyworld  # noqa: E402
 
@@ -75,14 +74,7 @@ def montage(rows, out_dir: str):
             cells[r["caption"]] = torch.from_numpy(img[:S, :S, :3]).float() / 255
     if not cells:
         return
-    S = next(iter(cells.values())).shape[0]
-    grid = torch.ones(len(toyworld.SHAPES) * S, len(toyworld.COLOURS) * S, 3)
-    for i, shape in enumerate(toyworld.SHAPES):
-        for j, colour in enumerate(toyworld.COLOURS):
-            cap = f"a {colour} {shape}"
-            if cap in cells:
-                grid[i * S:(i + 1) * S, j * S:(j + 1) * S] = cells[cap]
-    common.save_image(os.path.join(out_dir, "eval_views.png"), grid)
+    eval_captions.save_caption_grid(cells, os.path.join(out_dir, "eval_views.png"))
 
 
 def main():
