@@ -33,12 +33,13 @@ DEVIATION: the CPU preset (the default) renders 32 px (upsampled to the toy SD's
 DEVIATION: guidance 30 (paper 100). Measured on "a red cube", seed 0, CPU preset, 300 steps: guidance 30
   -> toy-CLIP score 0.851, R-precision 8/8 over 30 toy captions; guidance 100 -> 0.793, 5/8, with
   darker, blotchier colours (the toy SD is small, its conditional / unconditional gap already large).
-RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs): 3 min 25 s wall in all
-  (141 s for 300 steps, the rest loading and export); a red block with the cube's silhouette from every
-  side, lumpy faces (noisy normals); toy-CLIP score 0.855, R-precision 8/8.
+RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs, the toy SD of session 4):
+  3 min 5 s wall in all (128 s for 300 steps, the rest loading and export); a red block with the cube's
+  silhouette from every side, fuzzy, lumpy faces (noisy normals); toy-CLIP score 0.848, R-precision
+  7/8; toyworld.classify reads the mesh as a cylinder (0.070 vs the cube's 0.079).
 RESULT (30 toy captions, H100, this preset, bench/eval_captions.py): meshes with the right shape and
-  colour 77% (shape 77%, colour 97%; target 90%), mean R-precision 0.46. Spheres come out as bumpy
-  balls that the toy CLIP reads as cubes (README).
+  colour 73% (shape 73%, colour 100%; target 90%), mean R-precision 0.575 (the first toy SD: 77%,
+  0.46). Spheres come out as small balls that the toy CLIP reads as cubes (README).
 RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): 46.4 ms an iteration with
   --compile, 10k iterations in 7.7 min, 5.2 GB peak (bench/RESULTS_dreamfusion.md).
   --ablate (same seed, one run each, so differences of a few hundredths are noise; re-run after the

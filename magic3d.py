@@ -41,15 +41,16 @@ DEVIATION: the CPU preset trains the coarse stage without the occupancy grid (--
   paper preset): with the toy SD it hurt, as in dreamfusion.py. "a red cube", seed 0: with the grid the
   coarse toy-CLIP score / R-precision were 0.770 / 0.50 and the mesh was read as a cylinder; without,
   0.842 / 0.875 and a cube. "a green cone": 0.787 / 0.75 with, 0.806 / 1.0 without.
-RESULT (CPU preset, `--prompt "a green cone"`, 2 cores, quiet machine): 3 min 6 s wall in all (coarse
-  300 steps 86 s, fine 300 steps 45 s, the rest loading, conversion and export). Coarse: a green cone in
-  a faint haze, toy-CLIP score 0.806, R-precision 1.0; fine: a 1.3k-vertex green mesh with the cone's
-  peak and a ragged, fragmented base (docs/magic3d_green_cone.png: coarse rows above, fine below),
-  toy-CLIP 0.556, R-precision 0.5; toyworld.classify calls the mesh "a green cone" (Chamfer: cone 0.093,
-  cylinder 0.128, cube 0.136). The fine stage mostly inherits the coarse shape: on the toy SD, 300 steps
-  at --lr-sdf 1e-2 split the base into legs, --lambda-normal 1e4 did not smooth it further.
-  With the occupancy grid (before this preset change), 5 of 6 toy captions' final meshes were read
-  right (bench/RESULTS_magic3d.md); the 30-caption GPU evaluation has not been run.
+RESULT (CPU preset, `--prompt "a green cone"`, 2 busy cores, the toy SD shipped in session 4): 3 min
+  40 s wall in all (coarse 300 steps 109 s, fine 300 steps 56 s, the rest loading, conversion and
+  export). Coarse: a green cone in a faint haze, toy-CLIP score 0.902, R-precision 1.0; fine: a green
+  mesh with the cone's peak and a holed, ragged skin (docs/magic3d_green_cone.png: coarse rows above,
+  fine below), toy-CLIP 0.780, R-precision 1.0; toyworld.classify calls the mesh "a green cone"
+  (Chamfer: cone 0.056, cylinder 0.118, cube 0.129). With the first toy SD: 3 min 6 s on a quiet
+  machine, coarse 0.806, fine 0.556. The fine stage mostly inherits the coarse shape: on the toy SD,
+  300 steps at --lr-sdf 1e-2 split the base into legs, --lambda-normal 1e4 did not smooth it further.
+RESULT (30 toy captions, H100, bench/eval_magic3d.py, session-4 toy SD): 25/30 meshes right (target
+  90%), R-precision coarse 0.55, fine 0.45; four cubes read as cylinders (the first toy SD: 26/30).
 """
 import argparse
 import json

@@ -690,12 +690,14 @@ def print_decoy_similarity(sims: dict, n: int):
 # guidance).
 #
 # Run (GPU; seeded):  python toyworld.py train-sd --device cuda --out data/toy_sd
-# On the H100: 24k renders 28 s, VAE 2500 steps 142 s, UNet 2311 steps (batch 512) 300 s, evaluation
-# 43 s. The shipped data/toy_sd came from the same settings with the UNet stopped by a 300-second
-# clock (which made those 2311 steps). Evaluation: DDIM 50 steps, guidance 7.5, 10 samples per
-# caption; the toy CLIP ranks the sample's own caption first among the 30 for 80.0% of them (97.7%
-# for real renders of the same distribution); the misses are mostly orange read as yellow and cubes
-# read as cylinders.
+# On the H100: 24k renders 26 s, VAE (64/128/128 channels) 5000 steps 252 s, UNet 3500 steps (batch
+# 512) 377-420 s, evaluation 40 s. The shipped data/toy_sd was trained in two commands (the lent GPU
+# caps one at 10 minutes): `--unet-steps 1 --out /tmp/tsd2`, then `--init /tmp/tsd2 --unet-steps 3500`.
+# Evaluation: DDIM 50 steps, guidance 7.5, 10 samples per caption; the toy CLIP ranks the sample's
+# own caption first among the 30 for 88.7% (H100) and 91.7 / 90.7 / 91.3% (CPU, seeds 0/1/2) of them,
+# 90.6% on the mean (99.0% for real renders of the same distribution, 97.0% for their VAE
+# reconstructions); cylinders are the weak shape (65-73%). The first toy SD (VAE 32/64/64, 2500
+# steps): 80.0%.
 
 VIEW_SUFFIXES = ["front view", "side view", "back view", "overhead view"]
 MAX_TOKENS = 16          # the toy tokenizer's model_max_length (SD: 77)
