@@ -1469,7 +1469,9 @@ class DiffusionPrior:
     def compile(self):
         """torch.compile the UNet, replayed as a CUDA graph (mode "reduce-overhead"), and the VAE
         encoder: about 2x faster SDS steps on a GPU (bench/RESULTS_priors.md); the first calls
-        take a minute or so to compile."""
+        take a minute or so to compile. Off CUDA (no CUDA graphs) it leaves the prior as it is."""
+        if self.device.type != "cuda":
+            return self
         self.unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=True)
         if self.vae is not None:
             self.vae.encoder = torch.compile(self.vae.encoder)

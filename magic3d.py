@@ -539,7 +539,7 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
-        if cfg.compile and device.type == "cuda":
+        if cfg.compile:
             prior.compile()
         run = common.RunDir(cfg.out, "magic3d", cfg.name)
         if cfg.stage in ("coarse", "all"):

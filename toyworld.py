@@ -406,6 +406,12 @@ def backgrounds(kinds: list, size: int, generator: torch.Generator) -> torch.Ten
 # ================================================================================================
 
 
+def light_near(elevation, azimuth, d_az, u):
+    """Unit directions (n, 3) to a light near the camera: elevation + 30 u degrees (u (n,) uniform in
+    [0, 1), at most 85), azimuth + d_az degrees. elevation, azimuth, d_az (n,) degrees."""
+    return common.spherical_to_cartesian(1.0, (elevation + 30.0 * u).clamp(max=85.0), azimuth + d_az)
+
+
 def sample_scenes(n: int, held_out: bool, generator: torch.Generator, decoys: bool = False) -> dict:
     """Random objects, cameras and lights (on the CPU generator). Object yaw is drawn from the
     first half of each 90-degree quadrant for training, the second half for held-out; the light
@@ -421,8 +427,7 @@ def sample_scenes(n: int, held_out: bool, generator: torch.Generator, decoys: bo
     yaw = torch.deg2rad(quadrant * 90.0 + 45.0 * u(n) + (45.0 if held_out else 0.0))
     side = torch.where(u(n) < 0.5, -1.0, 1.0)
     d_az = side * (35.0 + 25.0 * u(n)) if held_out else (u(n) * 2 - 1) * 35.0
-    light_el = (cams["elevation"] + 30.0 * u(n)).clamp(max=85.0)
-    light = common.spherical_to_cartesian(1.0, light_el, cams["azimuth"] + d_az)
+    light = light_near(cams["elevation"], cams["azimuth"], d_az, u(n))
     return {"shape_idx": shape_idx, "colour_idx": colour_idx, "c2w": cams["c2w"], "fov": cams["fov"],
             "yaw": yaw, "scale": 0.9 + 0.2 * u(n), "light_dir": light, "ambient": 0.25 + 0.2 * u(n)}
 
@@ -647,8 +652,8 @@ def decoy_similarity(model: str, n: int, seed: int, device, pretrained: str = No
         sc = sample_scenes(n, held_out=False, generator=g)
         az, el = torch.rand(n, generator=g) * 360.0, torch.full((n,), elevation)
         sc["c2w"], sc["fov"] = common.pose_spherical(torch.full((n,), 4.0), el, az), torch.full((n,), fov)
-        light_el = (el + 30.0 * torch.rand(n, generator=g)).clamp(max=85.0)     # as sample_scenes
-        sc["light_dir"] = common.spherical_to_cartesian(1.0, light_el, az + (torch.rand(n, generator=g) * 2 - 1) * 35.0)
+        u_el = torch.rand(n, generator=g)
+        sc["light_dir"] = light_near(el, az, (torch.rand(n, generator=g) * 2 - 1) * 35.0, u_el)
         cap = SHAPES.index(shape) * len(COLOURS) + sc["colour_idx"]                       # (n,)
         sims = {}
         for kind, idx in (("decoy", OBJECTS.index(name)), ("true", SHAPES.index(shape))):
@@ -824,16 +829,15 @@ def toy_sd_renders(n: int, size: int, seed: int, device="cpu", white: float = 0.
     """n toy renders for the toy SD, all randomness from `seed` (CPU generator).
     Objects, colours, yaw, scale and ambient light come from sample_scenes; the cameras
     are redrawn with elevation in [-10, 80] degrees so that every view suffix (overhead included)
-    occurs, the light near the camera as in  Backgrounds are plain as DreamFusion's: white
-    with probability `white`, else one random solid colour.
+    occurs, the light near the camera as in sample_scenes (light_near). Backgrounds are plain as
+    DreamFusion's: white with probability `white`, else one random solid colour.
     Returns images (n, 3, size, size) in [0, 1] and captions (list of n strings)."""
     g = torch.Generator().manual_seed(seed)
     sc = sample_scenes(n, False, g)
     cams = common.sample_cameras(n, radius=(3.0, 4.0), elevation=(-10.0, 80.0), fov=(35.0, 45.0), generator=g)
     d_az = (torch.rand(n, generator=g) * 2 - 1) * 35.0
-    light_el = (cams["elevation"] + 30.0 * torch.rand(n, generator=g)).clamp(max=85.0)
     sc["c2w"], sc["fov"] = cams["c2w"], cams["fov"]
-    sc["light_dir"] = common.spherical_to_cartesian(1.0, light_el, cams["azimuth"] + d_az)
+    sc["light_dir"] = light_near(cams["elevation"], cams["azimuth"], d_az, torch.rand(n, generator=g))
     kinds = ["white" if w < white else "solid" for w in torch.rand(n, generator=g).tolist()]
     bg = backgrounds(kinds, size, g)
     images = []
