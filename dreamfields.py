@@ -42,6 +42,10 @@ NOTE: --elevation-jitter (training elevations U(elevation -+ jitter)) is off in 
 NOTE: --amp (bf16 autocast), --compile (torch.compile of the field and CLIP's image tower) and
   --checkpoint (recompute each ray chunk in the backward pass) are GPU speed and memory switches, off by
   default; bench/bench_dreamfields.py times them at the paper's 168 px.
+DEVIATION: --occupancy (off by default) adds Instant-NGP's occupancy grid (common.OccupancyGrid, the
+  density's moving maximum on a 64^3 grid, refreshed every 16 steps): samples in cells whose density
+  stayed below 0.01 skip the field. A GPU speed switch: in a paper-preset run on an H100 the grid empties
+  after ~1500 steps and a step drops from ~125 to 61-72 ms (bench/RESULTS_dreamfields.md).
 DEVIATION: samples are drawn only where a ray is inside the cube |x| <= 1 (the density outside is
   zero, so the rendering is the same) and each is given the bin width as its interval.
 DEVIATION: R-precision captions are the toy world's 30 captions (from the eval CLIP folder) or a file
@@ -118,6 +122,9 @@ DEFAULTS = dict(
     amp=False,                # bf16 autocast of the field and CLIP (a GPU; compositing stays fp32)
     compile=False,            # torch.compile the field and CLIP's image tower (a GPU)
     checkpoint=False,         # recompute each ray chunk's field in the backward pass (GPU memory at 168+ px)
+    occupancy=False,          # skip samples in empty cells of an occupancy grid (GPU speed; see DEVIATION)
+    grid_res=64,              # occupancy grid resolution over the cube
+    grid_every=16,            # refresh the occupancy grid every this many steps
 )
 BLENDER_FOV_X = 0.6911112     # camera_angle_x of the nerf_synthetic scenes (radians)
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
@@ -164,6 +171,8 @@ class DreamField(nn.Module):
             in_dim = self.grid.out_dim
         self.net = nn.Sequential(nn.Linear(in_dim, cfg.width), *[ResBlock(cfg.width) for _ in range(cfg.n_blocks)],
                                  nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4))
+        # --occupancy: Instant-NGP's grid of the density's moving maximum; renders skip its empty cells
+        self.occupancy = common.OccupancyGrid(AABB, cfg.grid_res) if cfg.occupancy else None
 
     def forward(self, x):
         """x (N, 3) -> sigma (N,) (softplus, zero outside |x| <= 1), rgb (N, 3) (sigmoid)."""
@@ -194,9 +203,10 @@ def sample_pose(cfg, origin, generator=None):
 # ================================================================================================
 # Rendering: jittered samples where each ray is inside the cube, NeRF compositing (Eq. 3)
 # ================================================================================================
-def render(field, rays_o, rays_d, n_samples, perturb):
+def render(field, rays_o, rays_d, n_samples, perturb, grid=None):
     """Rays (R, 3) -> composite()'s dict (rgb over black, opacity, ...) plus the samples' sigma
-    (R, S) and positions pts (R, S, 3), which origin tracking needs."""
+    (R, S) and positions pts (R, S, 3), which origin tracking needs. With an occupancy grid only the
+    samples in occupied cells go through the field (packed: sigma (N,), pts (N, 3))."""
     R = rays_o.shape[0]
     t0, t1 = common.ray_aabb(rays_o, rays_d, AABB.to(rays_o.device))            # (R,) in units of |d|
     t0 = t0.clamp(min=0)
@@ -204,6 +214,12 @@ def render(field, rays_o, rays_d, n_samples, perturb):
     t = common.stratified_samples(t0[:, None], t1[:, None], R, n_samples, perturb, rays_o.device)   # (R, S)
     deltas = ((t1 - t0) / n_samples * rays_d.norm(dim=-1))[:, None].expand(R, n_samples)
     pts = rays_o[:, None] + t[..., None] * rays_d[:, None]                      # (R, S, 3)
+    if grid is not None:                                                        # empty-space skipping
+        ray, step = grid.query(pts).nonzero(as_tuple=True)                      # (N,) each, ray-major
+        sigma, rgb = field(pts[ray, step])
+        out = common.composite_packed(sigma, rgb, deltas[ray, step], t[ray, step], ray, R)
+        out["sigma"], out["pts"] = sigma, pts[ray, step]
+        return out
     sigma, rgb = field(pts.reshape(-1, 3))
     out = common.composite(sigma.reshape(R, -1), rgb.reshape(R, -1, 3), deltas, t)
     out["sigma"], out["pts"] = sigma.reshape(R, -1), pts
@@ -211,7 +227,8 @@ def render(field, rays_o, rays_d, n_samples, perturb):
 
 
 def render_view(field, cfg, c2w, perturb=False, size=None, chunk=2 ** 13):
-    """One camera -> image (3, S, S) over black and opacity (1, S, S); plus sigma, pts of the samples.
+    """One camera -> image (3, S, S) over black and opacity (1, S, S); plus sigma, pts of the samples
+    (with --occupancy only those in the field's occupied cells).
     With --checkpoint a chunk keeps no activations for the backward pass: it is rendered again then
     (the same jitter: checkpoint replays the RNG)."""
     S = size or cfg.size
@@ -219,7 +236,7 @@ def render_view(field, cfg, c2w, perturb=False, size=None, chunk=2 ** 13):
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     recompute = cfg.checkpoint and torch.is_grad_enabled()
     run = (lambda *a: torch.utils.checkpoint.checkpoint(render, *a, use_reentrant=False)) if recompute else render   # noqa: E731
-    outs = [run(field, rays_o[i:i + chunk], rays_d[i:i + chunk], cfg.n_samples, perturb)
+    outs = [run(field, rays_o[i:i + chunk], rays_d[i:i + chunk], cfg.n_samples, perturb, field.occupancy)
             for i in range(0, len(rays_o), chunk)]
     cat = {k: torch.cat([o[k] for o in outs]) for k in ("rgb", "opacity", "sigma", "pts")}
     return (cat["rgb"].T.reshape(3, S, S), cat["opacity"].reshape(1, S, S), cat["sigma"], cat["pts"])
@@ -333,6 +350,8 @@ def train_step(field, opt, cfg, prior, txt, origin, step, device):
     txt (1, D) the prompt's embedding; origin (3,) on the CPU. Returns a log dict and the new origin."""
     for g in opt.param_groups:
         g["lr"] = learning_rate(step, cfg)
+    if field.occupancy is not None and step % cfg.grid_every == 0:         # NGP: moving max of the density
+        field.occupancy.update(lambda x: field(x)[0])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         # --- 1. pose sampling, 2. render with jittered samples ---
         c2w, _, _ = sample_pose(cfg, origin)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import dreamfields as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +172,36 @@ def test_checkpointed_render_has_the_same_values_and_gradients():
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-6)
     assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
+
+
+def test_occupancy_skipping_renders_what_the_full_render_renders():
+    """With every cell occupied the packed render equals the dense one (values and gradients); with a
+    grid refreshed from the field it differs only by the density it skips (below the threshold)."""
+    cfg = cfg_with(width=16, n_blocks=1, n_samples=16, size=8, grid_res=16)
+    torch.manual_seed(3)
+    field = D.DreamField(cfg)
+    field.net[-1].bias.data[0] = -12.0                             # nearly empty ...
+    with torch.no_grad():                                         # ... but for a dense ball of radius 0.4
+        field.net[-1].weight.data[0] *= 0
+    ball = lambda x: (x.norm(dim=-1) < 0.4).float() * 20.0          # noqa: E731
+    base = field.forward
+    field.forward = lambda x: (base(x)[0] + ball(x), base(x)[1])    # sigma = ball + softplus(-13) ~ 2e-6
+    c2w = D.sample_pose(cfg, torch.zeros(3), torch.Generator().manual_seed(6))[0]
+    outs = []
+    for grid in (None, "full", "refreshed"):
+        field.occupancy = None if grid is None else common.OccupancyGrid(D.AABB, cfg.grid_res)
+        if grid == "refreshed":
+            field.occupancy.update(lambda x: field(x)[0])
+        field.zero_grad()
+        rgb, opacity, sigma, _ = D.render_view(field, cfg, c2w)
+        (rgb.square().sum() + opacity.sum()).backward()
+        outs.append((rgb.detach(), opacity.detach(), sigma.numel(), [p.grad.clone() for p in field.parameters()]))
+    (a, oa, na, ga), (b, ob, nb, gb), (c, oc, nc, _) = outs
+    assert na == 8 * 8 * 16 and nb <= na               # "full" still drops samples outside the cube (sigma 0)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(oa, ob, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(ga, gb))
+    assert nc < na / 2 and oa.max() > 0.5                          # most samples skipped; the ball is seen
+    assert torch.allclose(a, c, atol=1e-4) and torch.allclose(oa, oc, atol=1e-4)
 
 
 # ---- end to end --------------------------------------------------------------------------------
