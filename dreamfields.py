@@ -218,9 +218,10 @@ def render(field, rays_o, rays_d, n_samples, perturb, grid=None):
     pts = rays_o[:, None] + t[..., None] * rays_d[:, None]                      # (R, S, 3)
     if grid is not None:                                                        # empty-space skipping
         ray, step = grid.query(pts).nonzero(as_tuple=True)                      # (N,) each, ray-major
-        sigma, rgb = field(pts[ray, step])
+        kept = pts[ray, step]                                                   # (N, 3)
+        sigma, rgb = field(kept)
         out = common.composite_packed(sigma, rgb, deltas[ray, step], t[ray, step], ray, R)
-        out["sigma"], out["pts"] = sigma, pts[ray, step]
+        out["sigma"], out["pts"] = sigma, kept
         return out
     sigma, rgb = field(pts.reshape(-1, 3))
     out = common.composite(sigma.reshape(R, -1), rgb.reshape(R, -1, 3), deltas, t)

@@ -61,7 +61,8 @@ def sync(device):
 
 def profile_variant(amp, compile_, ckpt, occ, args, device, rows: int = 25):
     """torch.profiler table of 3 iterations (after 3 warm-up ones): where the GPU time goes."""
-    cfg, fast, opt, prior, txt, origin = setup(amp, compile_, ckpt, occ, args, device)
+    cfg, fast, opt, prior, txt = setup(amp, compile_, ckpt, occ, args, device)
+    origin = torch.zeros(3)
     for step in range(3):
         _, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
     sync(device)
@@ -94,8 +95,8 @@ class CostedToyCLIP:
 def trajectory(amp, compile_, ckpt, occ, args, device, iters: int = 10_000, window: int = 500):
     """A whole training run with CostedToyCLIP, at most --trajectory seconds: prints ms / iteration and
     the occupied fraction every `window`. Returns (iterations, seconds, peak GiB)."""
-    cfg, fast, opt, vit, _, origin = setup(amp, compile_, ckpt, occ, args, device)
-    prior = CostedToyCLIP(vit, device)
+    cfg, fast, opt, vit, _ = setup(amp, compile_, ckpt, occ, args, device)
+    prior, origin = CostedToyCLIP(vit, device), torch.zeros(3)
     txt = prior.toy.encode_text(["a blue torus"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -116,8 +117,7 @@ def trajectory(amp, compile_, ckpt, occ, args, device, iters: int = 10_000, wind
 
 
 def setup(amp, compile_, ckpt, occ, args, device):
-    """The config, the (compiled) field, Adam, the random CLIP, the prompt's embedding and the origin of one
-    variant."""
+    """The config, the (compiled) field, Adam, the random CLIP and the prompt's embedding of one variant."""
     cfg = D.parse_args(["--preset", "paper", "--size", str(args.size), "--crop-frac", str(args.crop / args.size),
                         "--n-samples", str(args.n_samples), "--n-crops", "8", "--device", str(device), "--threads", "0",
                         "--prompt", "a bouquet of flowers"]
@@ -130,13 +130,14 @@ def setup(amp, compile_, ckpt, occ, args, device):
     prior = random_clip("ViT-B-16", device)
     if compile_:
         prior.model.visual = torch.compile(prior.model.visual)
-    return cfg, fast, opt, prior, prior.encode_text([cfg.prompt]), torch.zeros(3)
+    return cfg, fast, opt, prior, prior.encode_text([cfg.prompt])
 
 
 def time_variant(amp, compile_, ckpt, occ, args, device):
     """Median and mean ms per iteration, peak GPU memory (GiB) and warm-up seconds of one variant (a string
     when it runs out of memory)."""
-    cfg, fast, opt, prior, txt, origin = setup(amp, compile_, ckpt, occ, args, device)
+    cfg, fast, opt, prior, txt = setup(amp, compile_, ckpt, occ, args, device)
+    origin = torch.zeros(3)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
