@@ -1123,6 +1123,30 @@ def density_mesh(density_fn, color_fn, aabb, res: int, level: float, device="cpu
     return verts, faces[:, [0, 2, 1]], colors
 
 
+@torch.no_grad()
+def largest_component(verts: torch.Tensor, faces: torch.Tensor, *vertex_attrs: torch.Tensor):
+    """The connected piece of a mesh with the most faces (drops floaters): verts (V, 3), faces (F, 3)
+    and any per-vertex attributes (V, ...) -> the piece's verts (V', 3), faces (F', 3) re-indexed and
+    attributes (V', ...). Labels spread along edges until every vertex holds the smallest vertex id of
+    its piece."""
+    if len(faces) == 0:
+        return (verts, faces, *vertex_attrs)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    edges = torch.cat([edges, edges.flip(1)])                                      # (6F, 2) both ways
+    label = torch.arange(len(verts), device=verts.device)
+    while True:
+        new = label.scatter_reduce(0, edges[:, 0], label[edges[:, 1]], reduce="amin")
+        if torch.equal(new, label):
+            break
+        label = new
+    face_label = label[faces[:, 0]]                                                # (F,)
+    keep = face_label == torch.mode(face_label).values
+    used = torch.zeros(len(verts), dtype=torch.bool, device=verts.device)
+    used[faces[keep].flatten()] = True
+    new_id = torch.cumsum(used.long(), 0) - 1
+    return (verts[used], new_id[faces[keep]], *(a[used] for a in vertex_attrs))
+
+
 # ================================================================================================
 # 7. Metrics
 # ================================================================================================

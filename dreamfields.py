@@ -119,6 +119,7 @@ DEFAULTS = dict(
     video_size=48,            # turntable frame size in pixels
     mesh_res=64,              # marching-cubes grid resolution over the cube
     mesh_level=2.0,           # density iso-level of the exported mesh
+    keep_largest=True,        # export only the mesh's largest connected piece (drops floaters)
     ablate=False,             # run each trick off in turn and write a comparison
     threads=1,                # CPU threads for torch (0: torch's default; see the header)
     amp=False,                # bf16 autocast of the field and CLIP (a GPU; compositing stays fp32)
@@ -503,6 +504,8 @@ def export(cfg, field, origin, run, prior, ev, device, step, elapsed, skipped, s
     # mesh: marching cubes of the density in the cube, coloured by the field's rgb at the vertices
     verts, faces, colors = common.density_mesh(lambda x: field(x)[0], lambda x: field(x)[1], AABB,
                                                cfg.mesh_res, cfg.mesh_level, device, chunk=2 ** 16)
+    if cfg.keep_largest:
+        verts, faces, colors = common.largest_component(verts, faces, colors)
     if len(faces):
         common.save_ply(run.file("mesh.ply"), verts, colors, faces)
         common.save_obj(run.file("mesh.obj"), verts, faces, colors)

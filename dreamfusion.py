@@ -126,6 +126,7 @@ DEFAULTS = dict(
     video_size=64,            # turntable frame size in pixels
     mesh_res=64,              # marching-cubes grid resolution over the cube
     mesh_level=10.0,          # density iso-level of the exported mesh
+    keep_largest=True,        # export only the mesh's largest connected piece (drops floaters)
     preview_every=100,        # write preview.png every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
     ablate=False,             # run each trick off in turn (same seed) and write ablation.png/.md/.json
@@ -299,6 +300,8 @@ def export(cfg, field, bg_net, grid, run, device, step, elapsed, curve):
     # mesh: marching cubes of the density; vertex colours = albedo
     verts, faces, colors = common.density_mesh(field.density, lambda x: field(x)[1], AABB, cfg.mesh_res,
                                                cfg.mesh_level, device, chunk=2 ** 16)
+    if cfg.keep_largest:
+        verts, faces, colors = common.largest_component(verts, faces, colors)
     if len(faces):
         common.save_ply(run.file("mesh.ply"), verts, colors, faces)
         common.save_obj(run.file("mesh.obj"), verts, faces, colors)

@@ -425,29 +425,6 @@ def train_fine(cfg, run, prior, device, field, bg_net):
     return dmtet, start, step, elapsed, curve
 
 
-@torch.no_grad()
-def largest_component(verts: torch.Tensor, faces: torch.Tensor):
-    """The connected piece of a mesh with the most faces (drops floaters): verts (V, 3), faces (F, 3) ->
-    the piece's verts (V', 3), faces (F', 3) re-indexed. Labels spread along edges until every vertex
-    holds the smallest vertex id of its piece."""
-    if len(faces) == 0:
-        return verts, faces
-    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges = torch.cat([edges, edges.flip(1)])                                      # (6F, 2) both ways
-    label = torch.arange(len(verts), device=verts.device)
-    while True:
-        new = label.scatter_reduce(0, edges[:, 0], label[edges[:, 1]], reduce="amin")
-        if torch.equal(new, label):
-            break
-        label = new
-    face_label = label[faces[:, 0]]                                                # (F,)
-    keep = face_label == torch.mode(face_label).values
-    used = torch.zeros(len(verts), dtype=torch.bool, device=verts.device)
-    used[faces[keep].flatten()] = True
-    new_id = torch.cumsum(used.long(), 0) - 1
-    return verts[used], new_id[faces[keep]]
-
-
 def mesh_renderer(verts, faces, field, bg_net, cfg):
     """render(c2w, fov, size, mode, light, bg) -> images of a fixed mesh (for eval and export)."""
     verts = verts.detach()
@@ -556,7 +533,7 @@ def main(argv=None):
             with torch.no_grad():
                 verts, faces = dmtet()
             if cfg.keep_largest:
-                verts, faces = largest_component(verts, faces)
+                verts, faces = common.largest_component(verts, faces)
             export(cfg, run, device, "fine", mesh_renderer(verts, faces, field, bg_net, cfg), step, elapsed, curve,
                    mesh=(verts, faces, field.albedo))
 

@@ -320,3 +320,15 @@ def test_mesh_regularisers():
             A[f[i], f[(i + 1) % 3]] = A[f[(i + 1) % 3], f[i]] = 1
     L = A / A.sum(1, keepdim=True) - torch.eye(k * k, dtype=torch.float64)
     assert torch.isclose(laplacian_loss(verts, faces), ((L @ verts) ** 2).sum(-1).mean())
+
+
+def test_largest_component_drops_a_floater():
+    octa = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+    of = torch.tensor([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
+    tet = torch.tensor([[3.0, 0, 0], [3.1, 0, 0], [3, 0.1, 0], [3, 0, 0.1]])
+    tf = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    # the floater's vertices first, so the kept piece has to be re-indexed
+    verts, faces = torch.cat([tet, octa]), torch.cat([tf, of + 4])
+    colours = torch.rand(len(verts), 3)
+    v, f, c = common.largest_component(verts, faces, colours)
+    assert torch.equal(v, octa) and torch.equal(f, of) and torch.equal(c, colours[4:])

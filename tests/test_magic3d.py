@@ -167,14 +167,3 @@ def test_fine_stage_from_the_coarse_checkpoint_and_resume_match_one_straight_run
         assert e.code == 2
     else:
         raise AssertionError("no exit 2")
-
-
-def test_largest_component_drops_a_floater():
-    octa = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
-    of = torch.tensor([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
-    tet = torch.tensor([[3.0, 0, 0], [3.1, 0, 0], [3, 0.1, 0], [3, 0, 0.1]])
-    tf = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
-    # the floater's vertices first, so the kept piece has to be re-indexed
-    verts, faces = torch.cat([tet, octa]), torch.cat([tf, of + 4])
-    v, f = m3.largest_component(verts, faces)
-    assert torch.equal(v, octa) and torch.equal(f, of)
