@@ -128,6 +128,7 @@ DEFAULTS = dict(
     occupancy=False,          # skip samples in empty cells of an occupancy grid (GPU speed; see DEVIATION)
     grid_res=64,              # occupancy grid resolution over the cube
     grid_every=16,            # refresh the occupancy grid every this many steps
+    grid_thickness=0.01,      # a cell is empty when its density x the sample spacing stays below this (NGP)
 )
 BLENDER_FOV_X = 0.6911112     # camera_angle_x of the nerf_synthetic scenes (radians)
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
@@ -175,7 +176,10 @@ class DreamField(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, cfg.width), *[ResBlock(cfg.width) for _ in range(cfg.n_blocks)],
                                  nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4))
         # --occupancy: Instant-NGP's grid of the density's moving maximum; renders skip its empty cells
-        self.occupancy = common.OccupancyGrid(AABB, cfg.grid_res) if cfg.occupancy else None
+        # NGP's rule: skip a cell whose optical thickness per sample, sigma * dt, stays below --grid-thickness;
+        # dt = the widest spacing, a ray along the cube's diagonal (2 sqrt(3) / n_samples)
+        dt = 2 * math.sqrt(3) / cfg.n_samples
+        self.occupancy = common.OccupancyGrid(AABB, cfg.grid_res, threshold=cfg.grid_thickness / dt) if cfg.occupancy else None
 
     def forward(self, x):
         """x (N, 3) -> sigma (N,) (softplus, zero outside |x| <= 1), rgb (N, 3) (sigmoid)."""

@@ -17,7 +17,7 @@ prints ms / iteration and the grid's occupied fraction every 500 iterations, and
 iterations or after SECONDS.
 
     python bench/bench_dreamfields.py [--iters 32] [--variants fp32,bf16,...]
-    python bench/bench_dreamfields.py --trajectory 480 --variants bf16+compile+occupancy
+    python bench/bench_dreamfields.py --trajectory 480 --variants bf16+compile+occupancy [--profile-at 3000]
 Prints a markdown table: ms per iteration (median), the time 10k iterations would take, peak memory.
 """
 import argparse
@@ -103,6 +103,19 @@ def trajectory(amp, compile_, ckpt, occ, args, device, iters: int = 10_000, wind
     t_start = t0 = time.perf_counter()
     step = 0
     while step < iters and time.perf_counter() - t_start < args.trajectory:
+        if step == args.profile_at > 0:            # its time is left out of the window and the total
+            sync(device)
+            t_prof = time.perf_counter()
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(3):
+                    log, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
+                    step += 1
+                sync(device)
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+            t_prof = time.perf_counter() - t_prof
+            t_start, t0 = t_start + t_prof, t0 + t_prof
         log, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
         step += 1
         if step % window == 0:
@@ -122,7 +135,7 @@ def setup(amp, compile_, ckpt, occ, args, device):
                         "--n-samples", str(args.n_samples), "--n-crops", "8", "--device", str(device), "--threads", "0",
                         "--prompt", "a bouquet of flowers"]
                        + (["--amp"] if amp else []) + (["--compile"] if compile_ else [])
-                       + (["--checkpoint"] if ckpt else []) + (["--occupancy"] if occ else []))
+                       + (["--checkpoint"] if ckpt else []) + (["--occupancy"] if occ else []) + args.extra.split())
     torch.manual_seed(0)
     field = D.DreamField(cfg).to(device)
     fast = torch.compile(field) if compile_ else field
@@ -178,6 +191,9 @@ def main():
     p.add_argument("--profile", default="", help="instead of timing: a torch.profiler table of this variant")
     p.add_argument("--trajectory", type=float, default=0.0,
                    help="time whole runs (toy-CLIP loss + ViT-B/16 cost) for at most this many seconds each")
+    p.add_argument("--profile-at", type=int, default=0,
+                   help="with --trajectory: a torch.profiler table of 3 iterations after this many")
+    p.add_argument("--extra", default="", help="more dreamfields.py flags for every variant, e.g. \"--grid-thickness 0.1\"")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
