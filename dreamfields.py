@@ -235,15 +235,17 @@ def render(field, rays_o, rays_d, n_samples, perturb, grid=None):
     return out
 
 
-def render_view(field, cfg, c2w, perturb=False, size=None, chunk=2 ** 13):
+def render_view(field, cfg, c2w, perturb=False, size=None, chunk=None):
     """One camera -> image (3, S, S) over black and opacity (1, S, S); plus sigma, pts of the samples
     (with --occupancy only those in the field's occupied cells).
     With --checkpoint a chunk keeps no activations for the backward pass: it is rendered again then
-    (the same jitter: checkpoint replays the RNG)."""
+    (the same jitter: checkpoint replays the RNG). Rays go through in chunks of `chunk` (default: all at
+    once, or 2^13 with --checkpoint; without it autograd keeps every chunk's activations anyway)."""
     S = size or cfg.size
     rays_o, rays_d = common.get_rays(S, S, focal_length(cfg) * S / cfg.size, c2w)
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     recompute = cfg.checkpoint and torch.is_grad_enabled()
+    chunk = chunk or (2 ** 13 if recompute else len(rays_o))
     run = (lambda *a: torch.utils.checkpoint.checkpoint(render, *a, use_reentrant=False)) if recompute else render   # noqa: E731
     outs = [run(field, rays_o[i:i + chunk], rays_d[i:i + chunk], cfg.n_samples, perturb, field.occupancy)
             for i in range(0, len(rays_o), chunk)]
@@ -280,11 +282,12 @@ def gaussian_blur(img, sigma):
     return y[0]
 
 
-def random_background(kind, size, cfg, generator=None):
-    """A background (3, size, size) in [0, 1]: 'noise' (uniform per pixel), 'checker' (8 squares a side,
-    two random colours), 'fourier' (a random sum of low-frequency plane waves), blurred by sigma ~ U(0, max_blur)."""
-    u = lambda *s: torch.rand(*s, generator=generator)                          # noqa: E731
-    c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+def random_background(kind, size, cfg, generator=None, device="cpu"):
+    """A background (3, size, size) in [0, 1] on `device`: 'noise' (uniform per pixel), 'checker' (8 squares
+    a side, two random colours), 'fourier' (a random sum of low-frequency plane waves), blurred by sigma ~
+    U(0, max_blur). The random numbers come from the CPU generator; the image is built on `device`."""
+    u = lambda *s: torch.rand(*s, generator=generator).to(device)               # noqa: E731
+    c = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) / size
     y, x = torch.meshgrid(c, c, indexing="ij")                                  # (S, S) each in (0, 1)
     if kind == "noise":
         bg = u(3, size, size)
@@ -292,14 +295,15 @@ def random_background(kind, size, cfg, generator=None):
         odd = ((x * 8).floor() + (y * 8).floor()) % 2 == 1
         bg = torch.where(odd, u(3, 1, 1), u(3, 1, 1))
     elif kind == "fourier":
-        freq = torch.randn(3, 16, 2, generator=generator) * 4 * 2 * math.pi    # (3, waves, 2) radians / image
+        freq = torch.randn(3, 16, 2, generator=generator).to(device) * 4 * 2 * math.pi   # (3, waves, 2) radians / image
         phase = u(3, 16, 1, 1) * 2 * math.pi
         bg = torch.sin(freq[..., 0, None, None] * x + freq[..., 1, None, None] * y + phase).sum(1)    # (3, S, S)
         lo, hi = bg.amin((1, 2), keepdim=True), bg.amax((1, 2), keepdim=True)
         bg = (bg - lo) / (hi - lo + 1e-6)
     else:
         raise ValueError(kind)
-    return gaussian_blur(bg, float(u(())) * cfg.max_blur * size / 224)
+    sigma = float(torch.rand((), generator=generator))
+    return gaussian_blur(bg, sigma * cfg.max_blur * size / 224)
 
 
 def augment(rgb, opacity, cfg, generator=None):
@@ -308,10 +312,10 @@ def augment(rgb, opacity, cfg, generator=None):
     S = rgb.shape[-1]
     if cfg.random_bg:
         kind = ("noise", "checker", "fourier")[int(torch.randint(3, (), generator=generator))]
-        bg = random_background(kind, S, cfg, generator)
+        bg = random_background(kind, S, cfg, generator, rgb.device)
     else:
-        bg = torch.ones(3, S, S)
-    image = rgb + (1 - opacity) * bg.to(rgb.device)
+        bg = torch.ones(3, S, S, device=rgb.device)
+    image = rgb + (1 - opacity) * bg
     c = max(1, round(cfg.crop_frac * S))
     corners = torch.randint(0, S - c + 1, (cfg.n_crops, 2), generator=generator).tolist()
     return torch.stack([image[:, i:i + c, j:j + c] for i, j in corners])
@@ -325,10 +329,9 @@ def ema_origin(origin, sigma, pts, decay):
     """origin <- decay origin + (1 - decay) sum(sigma x) / sum(sigma). origin (3,), sigma (...), pts (..., 3),
     all on one device."""
     w = sigma.reshape(-1, 1)
-    if w.sum() <= 0:
-        return origin
-    centre = (w * pts.reshape(-1, 3)).sum(0) / w.sum()
-    return decay * origin + (1 - decay) * centre
+    total = w.sum()
+    centre = (w * pts.reshape(-1, 3)).sum(0) / total.clamp(min=1e-30)
+    return torch.where(total > 0, decay * origin + (1 - decay) * centre, origin)     # no density: unchanged
 
 
 # ================================================================================================
@@ -376,14 +379,16 @@ def train_step(field, opt, cfg, prior, txt, origin, step, device):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in field.parameters() if p.grad is not None]
-    finite = bool(torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(loss)]).all())
-    if finite:
-        opt.step()
+    finite = torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(loss)]).all()
     # --- 7. localisation: the origin follows the density's centre of mass ---
     if cfg.origin_tracking:
-        origin = ema_origin(origin.to(device), sigma.detach().float(), pts.detach(), cfg.origin_decay).cpu()
-    return {"loss": loss.item(), "clip": -clip_loss.item(), "transmittance": 1 - opacity.float().mean().item(),
-            "finite": finite}, origin
+        origin = ema_origin(origin.to(device), sigma.detach().float(), pts.detach(), cfg.origin_decay)
+    # one host synchronisation a step: the finite flag, the logged values and the origin come back together
+    logged = torch.stack([finite, loss.detach(), -clip_loss.detach(), opacity.detach().mean()]).float()
+    ok, loss_v, clip_v, opacity_v, *xyz = torch.cat([logged, origin.to(device).float()]).tolist()
+    if ok:
+        opt.step()
+    return {"loss": loss_v, "clip": clip_v, "transmittance": 1 - opacity_v, "finite": bool(ok)}, torch.tensor(xyz)
 
 
 def train(cfg, run, prior, ev, device):
