@@ -40,7 +40,7 @@ RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs, the
 RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.py): meshes with the
   right shape and colour 75/90 = 83.3% (colour 90/90; target 90%) since the export keeps the largest
   piece (before: 74%); mean R-precision 0.59. The misses: cubes read as cylinders (9), green objects
-  thinned out by the toy SD (5); spheres come out as lumpy balls that the toy CLIP reads as cubes
+  thinned out by SDS (5); spheres come out as lumpy balls that the toy CLIP reads as cubes
   (bench/RESULTS_dreamfusion.md).
 RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): 46.4 ms an iteration with
   --compile, 10k iterations in 7.7 min, 5.2 GB peak (bench/RESULTS_dreamfusion.md).
