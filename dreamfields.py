@@ -46,8 +46,8 @@ DEVIATION: --occupancy (off by default) adds Instant-NGP's occupancy grid (commo
   density's moving maximum on a 64^3 grid, refreshed every 16 steps) with NGP's rule: samples in cells
   whose density x sample spacing stayed below --grid-thickness 0.01 skip the field. A GPU speed switch:
   in a paper-preset run on an H100 the grid is 13-15% occupied after ~1500 steps and a step drops from
-  ~125 to 58-83 ms, where the host, not the GPU (15.5 ms of work a step), is the limit
-  (bench/RESULTS_dreamfields.md). On the CPU preset ("a blue torus", seed 0) it changes little (CLIP
+  ~125 to 39-51 ms (6552 iterations in 400 s; 10k in ~9.4 min projected), where the host, not the GPU
+  (~15 ms of work a step), is the limit (bench/RESULTS_dreamfields.md). On the CPU preset ("a blue torus", seed 0) it changes little (CLIP
   score 0.930 vs 0.948, R-precision 1.0 both) and saves nothing (132 s vs 112 s of training).
 DEVIATION: samples are drawn only where a ray is inside the cube |x| <= 1 (the density outside is
   zero, so the rendering is the same) and each is given the bin width as its interval.
