@@ -47,8 +47,9 @@ DEVIATION: --occupancy (off by default) adds Instant-NGP's occupancy grid (commo
   whose density x sample spacing stayed below --grid-thickness 0.01 skip the field. A GPU speed switch:
   in a paper-preset run on an H100 the grid is 13-15% occupied after ~1500 steps and a step drops from
   ~125 to 39-51 ms (6552 iterations in 400 s; 10k in ~9.4 min projected), where the host, not the GPU
-  (~15 ms of work a step), is the limit (bench/RESULTS_dreamfields.md). On the CPU preset ("a blue torus", seed 0) it changes little (CLIP
-  score 0.930 vs 0.948, R-precision 1.0 both) and saves nothing (132 s vs 112 s of training).
+  (~15 ms of work a step), is the limit (bench/RESULTS_dreamfields.md). On the CPU preset ("a blue
+  torus", seed 0) it changes little (CLIP score 0.930 vs 0.948, R-precision 1.0 both) and saves
+  nothing (132 s vs 112 s of training).
 DEVIATION: samples are drawn only where a ray is inside the cube |x| <= 1 (the density outside is
   zero, so the rendering is the same) and each is given the bin width as its interval.
 DEVIATION: R-precision captions are the toy world's 30 captions (from the eval CLIP folder) or a file
@@ -180,7 +181,8 @@ class DreamField(nn.Module):
         # NGP's rule: skip a cell whose optical thickness per sample, sigma * dt, stays below --grid-thickness;
         # dt = the widest spacing, a ray along the cube's diagonal (2 sqrt(3) / n_samples)
         dt = 2 * math.sqrt(3) / cfg.n_samples
-        self.occupancy = common.OccupancyGrid(AABB, cfg.grid_res, threshold=cfg.grid_thickness / dt) if cfg.occupancy else None
+        self.occupancy = (common.OccupancyGrid(AABB, cfg.grid_res, threshold=cfg.grid_thickness / dt)
+                          if cfg.occupancy else None)
 
     def forward(self, x):
         """x (N, 3) -> sigma (N,) (softplus, zero outside |x| <= 1), rgb (N, 3) (sigmoid)."""
@@ -386,7 +388,7 @@ def train_step(field, opt, cfg, prior, txt, origin, step, device):
     # one host synchronisation a step: the finite flag, the logged values and the origin come back together
     logged = torch.stack([finite, loss.detach(), -clip_loss.detach(), opacity.detach().mean()]).float()
     ok, loss_v, clip_v, opacity_v, *xyz = torch.cat([logged, origin.to(device).float()]).tolist()
-    if ok:
+    if ok:                                                                  # 6: skip a non-finite step
         opt.step()
     return {"loss": loss_v, "clip": clip_v, "transmittance": 1 - opacity_v, "finite": bool(ok)}, torch.tensor(xyz)
 

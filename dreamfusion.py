@@ -36,7 +36,8 @@ DEVIATION: guidance 30 (paper 100). Measured on "a red cube", seed 0, CPU preset
 RESULT (CPU preset, `--prompt "a red cube"`, 2 cores shared with other jobs, the toy SD of session 4):
   3 min 5 s wall in all (128 s for 300 steps, the rest loading and export); a red block with the cube's
   silhouette from every side, fuzzy, lumpy faces (noisy normals); toy-CLIP score 0.848, R-precision
-  7/8; toyworld.classify reads the mesh as a cylinder (0.070 vs the cube's 0.079).
+  7/8; toyworld.classify reads the mesh as a cylinder (0.070 vs the cube's 0.079; the same with the
+  largest piece kept, session 6: 0.071 vs 0.080).
 RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.py): meshes with the
   right shape and colour 75/90 = 83.3% (colour 90/90; target 90%) since the export keeps the largest
   piece (before: 74%); mean R-precision 0.59. The misses: cubes read as cylinders (9), green objects
