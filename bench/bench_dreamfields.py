@@ -59,22 +59,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def profile_variant(amp, compile_, ckpt, occ, args, device, rows: int = 25):
-    """torch.profiler table of 3 iterations (after 3 warm-up ones): where the GPU time goes."""
-    cfg, fast, opt, prior, txt = setup(amp, compile_, ckpt, occ, args, device)
-    origin = torch.zeros(3)
-    for step in range(3):
-        _, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
+def print_profile(steps, device, rows: int = 25):
+    """Run steps() under torch.profiler and print where the (GPU, else CPU) time goes."""
     sync(device)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
-        for step in range(3):
-            _, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step + 3, device)
+        steps()
         sync(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+
+
+def profile_variant(amp, compile_, ckpt, occ, args, device):
+    """torch.profiler table of 3 iterations (after 3 warm-up ones): where the GPU time goes."""
+    cfg, fast, opt, prior, txt = setup(amp, compile_, ckpt, occ, args, device)
+    origin, step = torch.zeros(3), 0
+
+    def advance(n):
+        nonlocal origin, step
+        for _ in range(n):
+            _, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
+            step += 1
+    advance(3)
+    print_profile(lambda: advance(3), device)
 
 
 class CostedToyCLIP:
@@ -100,24 +109,21 @@ def trajectory(amp, compile_, ckpt, occ, args, device, iters: int = 10_000, wind
     txt = prior.toy.encode_text(["a blue torus"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    step, log = 0, {}
+
+    def advance(n):
+        nonlocal origin, step, log
+        for _ in range(n):
+            log, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
+            step += 1
     t_start = t0 = time.perf_counter()
-    step = 0
     while step < iters and time.perf_counter() - t_start < args.trajectory:
         if step == args.profile_at > 0:            # its time is left out of the window and the total
-            sync(device)
             t_prof = time.perf_counter()
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch.profiler.profile(activities=acts) as prof:
-                for _ in range(3):
-                    log, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
-                    step += 1
-                sync(device)
-            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+            print_profile(lambda: advance(3), device)
             t_prof = time.perf_counter() - t_prof
             t_start, t0 = t_start + t_prof, t0 + t_prof
-        log, origin = D.train_step(fast, opt, cfg, prior, txt, origin, step, device)
-        step += 1
+        advance(1)
         if step % window == 0:
             sync(device)
             ms, t0 = (time.perf_counter() - t0) * 1e3 / window, time.perf_counter()
