@@ -381,7 +381,7 @@ def train_step(field, opt, cfg, prior, txt, origin, step, device):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in field.parameters() if p.grad is not None]
-    finite = torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(loss)]).all()
+    finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))   # one norm over all grads
     # --- 7. localisation: the origin follows the density's centre of mass ---
     if cfg.origin_tracking:
         origin = ema_origin(origin.to(device), sigma.detach().float(), pts.detach(), cfg.origin_decay)
@@ -397,7 +397,7 @@ def train(cfg, run, prior, ev, device):
     """Optimise one Dream Field. Returns the field, the tracked origin, the steps done, seconds, start metrics."""
     common.seed_everything(cfg.seed)
     field = DreamField(cfg).to(device)
-    opt = torch.optim.Adam(field.parameters(), lr=learning_rate(0, cfg), eps=1e-5)
+    opt = torch.optim.Adam(field.parameters(), lr=learning_rate(0, cfg), eps=1e-5, fused=device.type == "cuda")
     txt = prior.encode_text([cfg.prompt])                                       # (1, D)
     origin, start, elapsed, skipped, curve = torch.zeros(3), 0, 0.0, 0, []
     if cfg.resume and run.exists("checkpoint.pt"):
