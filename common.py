@@ -372,8 +372,10 @@ def get_rays(H: int, W: int, focal, c2w: torch.Tensor):
 
 
 def get_ray_batch(c2w: torch.Tensor, H: int, W: int, focal, n: int, img_idx=None, pix=None,
-                  generator=None):
+                  generator=None, jitter: bool = False):
     """A random batch of n rays from N posed images. c2w (N, 4, 4).
+    Each ray goes through its pixel's centre, or with jitter through a uniform random point of the
+    pixel (Instant-NGP's training rays: a pixel's colour is an average over its area).
     Returns rays_o, rays_d (n, 3) and the (image, row, column) indices (n,) each, so the
     caller can gather target colours with images[img, row, col]."""
     N = c2w.shape[0]
@@ -383,7 +385,8 @@ def get_ray_batch(c2w: torch.Tensor, H: int, W: int, focal, n: int, img_idx=None
     if pix is None:
         pix = torch.randint(0, H * W, (n,), generator=generator).to(dev)
     row, col = pix // W, pix % W
-    d_cam = torch.stack([(col + 0.5 - W / 2) / focal, -(row + 0.5 - H / 2) / focal,
+    u = torch.rand(2, n, generator=generator).to(dev) if jitter else torch.full((2, n), 0.5, device=dev)
+    d_cam = torch.stack([(col + u[0] - W / 2) / focal, -(row + u[1] - H / 2) / focal,
                          -torch.ones_like(col, dtype=torch.float32)], dim=-1).float()   # (n, 3)
     R = c2w[img_idx, :3, :3]
     rays_d = (R @ d_cam[..., None])[..., 0]

@@ -67,6 +67,7 @@ DEFAULTS = dict(
     bound=1.5,                # the scene lives in the cube |x| <= bound
     white_bkgd=True,          # composite images and renders over white
     random_bkgd=False,        # train over a random colour per ray (NGP: the field must learn transparency)
+    jitter_pixels=False,      # train on rays through random points of their pixels, not the centres (NGP)
     # --- NeRF MLP ---
     n_coarse=64,              # stratified samples per ray (coarse network)
     n_fine=128,               # inverse-CDF samples per ray (fine network)
@@ -328,7 +329,8 @@ def train(cfg):
         if step < cfg.precrop_iters:
             r = torch.randint(H // 4, H - H // 4, (n_rays,)) * W + torch.randint(W // 4, W - W // 4, (n_rays,))
             pix = r.to(device)
-        rays_o, rays_d, (img, row, col) = common.get_ray_batch(poses, H, W, focal, n_rays, pix=pix)
+        rays_o, rays_d, (img, row, col) = common.get_ray_batch(poses, H, W, focal, n_rays, pix=pix,
+                                                               jitter=cfg.jitter_pixels)
         target, bg = images[img, row, col], None                                # (R, 3)
         if cfg.random_bkgd:   # the image over a random colour: premultiplied colour + (1 - alpha) bg
             bg = torch.rand_like(target)

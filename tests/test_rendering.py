@@ -150,6 +150,16 @@ def test_ray_batch_matches_full_image_rays():
     assert torch.allclose(d, fd[img, row, col], atol=1e-6) and torch.allclose(o, fo[img, row, col])
 
 
+def test_jittered_rays_stay_inside_their_pixels():
+    """With jitter a ray meets the camera's z = -1 plane inside its pixel's square, not only at the centre."""
+    c2w = torch.eye(4)[None]
+    H, W, f = 6, 5, 7.0
+    _, d, (_, row, col) = common.get_ray_batch(c2w, H, W, f, 4000, jitter=True)
+    x, y = d[:, 0] * f + W / 2 - col, -d[:, 1] * f + H / 2 - row               # position within the pixel
+    assert x.min() >= 0 and x.max() <= 1 and y.min() >= 0 and y.max() <= 1
+    assert x.std() > 0.25 and y.std() > 0.25                                  # ~ uniform (std 0.289)
+
+
 # ---- the Blender loader on a tiny fixture ---------------------------------------------------------
 def write_fixture(root, angle=0.5, size=4):
     import imageio.v3 as iio
