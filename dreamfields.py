@@ -39,17 +39,17 @@ DEVIATION: the MLP's head is LayerNorm -> Dense(4) (official: Dense 128 -> Dense
   CPU schedule the unnormalised head filled the whole cube with haze.
 NOTE: --elevation-jitter (training elevations U(elevation -+ jitter)) is off in both presets (the paper
   fixes 30 degrees); it is there for priors that see shapes better from above.
-NOTE: --amp (bf16 autocast), --compile (torch.compile of the field and CLIP's image tower) and
-  --checkpoint (recompute each ray chunk in the backward pass) are GPU speed and memory switches, off by
-  default; bench/bench_dreamfields.py times them at the paper's 168 px.
+NOTE: --amp (bf16 autocast), --compile (torch.compile of the field, and of CLIP's image tower replayed
+  as CUDA graphs) and --checkpoint (recompute each ray chunk in the backward pass) are GPU speed and
+  memory switches, off by default; bench/bench_dreamfields.py times them at the paper's 168 px.
 DEVIATION: --occupancy (off by default) adds Instant-NGP's occupancy grid (common.OccupancyGrid, the
   density's moving maximum on a 64^3 grid, refreshed every 16 steps) with NGP's rule: samples in cells
   whose density x sample spacing stayed below --grid-thickness 0.01 skip the field. A GPU speed switch:
-  in a paper-preset run on an H100 the grid is 13-15% occupied after ~1500 steps and a step drops from
-  ~125 to 39-51 ms (6552 iterations in 400 s; 10k in ~9.4 min projected), where the host, not the GPU
-  (~15 ms of work a step), is the limit (bench/RESULTS_dreamfields.md). On the CPU preset ("a blue
-  torus", seed 0) it changes little (CLIP score 0.930 vs 0.948, R-precision 1.0 both) and saves
-  nothing (132 s vs 112 s of training).
+  in a paper-preset run on an H100 (with --amp --compile) the grid is 13-15% occupied after ~1500 steps
+  and a step drops from ~125 to 25-31 ms: 10k iterations in 6.9 min, compilation included (the host's
+  kernel launches, not the GPU's ~14 ms of work, set the pace; bench/RESULTS_dreamfields.md). On the
+  CPU preset ("a blue torus", seed 0) it changes little (CLIP score 0.930 vs 0.948, R-precision 1.0
+  both) and saves nothing (132 s vs 112 s of training).
 DEVIATION: samples are drawn only where a ray is inside the cube |x| <= 1 (the density outside is
   zero, so the rendering is the same) and each is given the bin width as its interval.
 DEVIATION: R-precision captions are the toy world's 30 captions (from the eval CLIP folder) or a file
@@ -344,13 +344,20 @@ def learning_rate(step, cfg) -> float:
     return cfg.lr_start * (cfg.lr_end / cfg.lr_start) ** min(step / max(cfg.warmup_steps, 1), 1.0)
 
 
+def compile_image_tower(prior):
+    """torch.compile a CLIP's image tower, replayed as CUDA graphs (mode "reduce-overhead"): its input
+    is always n_crops x 3 x 224 x 224, so its forward and backward each become one graph launch instead
+    of hundreds of kernel launches, and a step bound by the host's launches gets shorter."""
+    prior.model.visual = torch.compile(prior.model.visual, mode="reduce-overhead")
+
+
 def load_priors(cfg, device):
     """The CLIP of the loss and the CLIP of the evaluation (the same object when they agree).
     Both check the prompt first: a toy CLIP refuses words outside its vocabulary."""
     prior = common.CLIPPrior(cfg.clip, cfg.pretrained or None, device=device, flag="--clip/--pretrained")
     prior.check_prompt(cfg.prompt)
     if cfg.compile:
-        prior.model.visual = torch.compile(prior.model.visual)
+        compile_image_tower(prior)
     if (cfg.eval_clip or cfg.clip, cfg.eval_pretrained or cfg.pretrained) == (cfg.clip, cfg.pretrained):
         return prior, prior
     ev = common.CLIPPrior(cfg.eval_clip or cfg.clip, cfg.eval_pretrained or None, device=device,

@@ -60,7 +60,8 @@ def sync(device):
 
 
 def print_profile(steps, device, rows: int = 25):
-    """Run steps() under torch.profiler and print where the (GPU, else CPU) time goes."""
+    """Run steps() under torch.profiler and print where the GPU time goes (on a GPU) and where the
+    host's own time goes (self CPU time: Python-side op dispatch and kernel launches)."""
     sync(device)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -68,8 +69,10 @@ def print_profile(steps, device, rows: int = 25):
     with torch.profiler.profile(activities=acts) as prof:
         steps()
         sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+    table = prof.key_averages()
+    if device.type == "cuda":
+        print(table.table(sort_by="cuda_time_total", row_limit=rows), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
 
 
 def profile_variant(amp, compile_, ckpt, occ, args, device):
@@ -90,8 +93,10 @@ class CostedToyCLIP:
     """The toy CLIP's loss with the ViT-B/16's cost: similarity() adds 0 x the ViT-B/16's similarity,
     so its forward and backward run every step while only the toy CLIP steers the field."""
 
-    def __init__(self, vit, device):
+    def __init__(self, vit, device, compile_):
         self.toy, self.vit = common.CLIPPrior("toy", device=device), vit
+        if compile_:                                 # as dreamfields.load_priors does with --compile
+            D.compile_image_tower(self.toy)
         self.vit_txt = vit.encode_text(["a blue torus"])
 
     def encode_image(self, crops):
@@ -105,7 +110,7 @@ def trajectory(amp, compile_, ckpt, occ, args, device, iters: int = 10_000, wind
     """A whole training run with CostedToyCLIP, at most --trajectory seconds: prints ms / iteration and
     the occupied fraction every `window`. Returns (iterations, seconds, peak GiB)."""
     cfg, fast, opt, vit, _ = setup(amp, compile_, ckpt, occ, args, device)
-    prior, origin = CostedToyCLIP(vit, device), torch.zeros(3)
+    prior, origin = CostedToyCLIP(vit, device, compile_), torch.zeros(3)
     txt = prior.toy.encode_text(["a blue torus"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -148,7 +153,7 @@ def setup(amp, compile_, ckpt, occ, args, device):
     opt = torch.optim.Adam(field.parameters(), lr=1e-4, eps=1e-5, fused=device.type == "cuda")   # as dreamfields.train
     prior = random_clip("ViT-B-16", device)
     if compile_:
-        prior.model.visual = torch.compile(prior.model.visual)
+        D.compile_image_tower(prior)
     return cfg, fast, opt, prior, prior.encode_text([cfg.prompt])
 
 
