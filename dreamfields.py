@@ -345,9 +345,10 @@ def learning_rate(step, cfg) -> float:
 
 
 def compile_image_tower(prior):
-    """torch.compile a CLIP's image tower, replayed as CUDA graphs (mode "reduce-overhead"): its input
-    is always n_crops x 3 x 224 x 224, so its forward and backward each become one graph launch instead
-    of hundreds of kernel launches, and a step bound by the host's launches gets shorter."""
+    """torch.compile a CLIP's image tower, replayed as CUDA graphs (mode "reduce-overhead"): in training
+    its input has one shape (n_crops crops at CLIP's resolution), so its forward and its backward each
+    become one graph launch instead of hundreds of kernel launches: the host's launches set the pace of
+    a sparse step (bench/RESULTS_dreamfields.md)."""
     prior.model.visual = torch.compile(prior.model.visual, mode="reduce-overhead")
 
 
