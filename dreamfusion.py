@@ -43,8 +43,8 @@ RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.
   piece (before: 74%); mean R-precision 0.59. The misses: cubes read as cylinders (9), green objects
   thinned out by SDS (5); spheres come out as lumpy balls that the toy CLIP reads as cubes
   (bench/RESULTS_dreamfusion.md).
-RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): 46.4 ms an iteration with
-  --compile, 10k iterations in 7.7 min, 5.2 GB peak (bench/RESULTS_dreamfusion.md).
+RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): a whole 10k-iteration run
+  with --compile in 7.1 min, 4.8 GB peak (bench/RESULTS_dreamfusion.md).
   --ablate (same seed, one run each, so differences of a few hundredths are noise; re-run after the
   session-2 refactor): toy-CLIP score / R-precision: full 0.855 / 1.0, no blob 0.810 / 0.875, no shading
   0.832 / 0.875, no view prompts 0.709 / 0.625, white background (no bg net) 0.766 / 0.75 (a red haze
