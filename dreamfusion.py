@@ -42,7 +42,10 @@ RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.
   right shape and colour 75/90 = 83.3% (colour 90/90; target 90%) since the export keeps the largest
   piece (before: 74%); mean R-precision 0.59. The misses: cubes read as cylinders (9), green objects
   thinned out by SDS (5); spheres come out as lumpy balls that the toy CLIP reads as cubes
-  (bench/RESULTS_dreamfusion.md).
+  (bench/RESULTS_dreamfusion.md). The green collapse starts in the textureless steps: a white object
+  meets "green" only by thinning out over a background that turns green. --white-textureless-bg (off,
+  not yet evaluated over the 30 captions) renders those steps over white; on the CPU it keeps "a green
+  sphere" whole (5488 vertices, read as a sphere; the preset: 62 vertices).
 RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): a whole 10k-iteration run
   with --compile in 7.1 min, 4.8 GB peak (bench/RESULTS_dreamfusion.md).
   --ablate (same seed, one run each, so differences of a few hundredths are noise; re-run after the
@@ -103,6 +106,7 @@ DEFAULTS = dict(
     light_jitter=1.0,         # light = normalize(camera position + N(0, this^2 I))
     bg_net=True,              # background colour from a small MLP on the ray direction (off: white)
     p_random_bg=0.5,          # probability of a random solid background colour instead
+    white_textureless_bg=False,  # textureless steps over white (colour words can't be met by the background)
     # --- cameras (toy defaults: the toy SD's training distribution) ---
     radius_min=3.0,           # camera distance range ...
     radius_max=4.0,           # ...
@@ -211,6 +215,8 @@ def train(cfg, run, prior, device):
                                    cfg.shading)
         bg = None if cfg.bg_net and random.random() >= cfg.p_random_bg else \
             (torch.rand(3) if cfg.bg_net else torch.ones(3)).to(device)
+        if mode == "textureless" and cfg.white_textureless_bg:
+            bg = torch.ones(3, device=device)
         # --- 2. render ---
         out = render_view(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
                           light, bg, perturb=True, occupancy=occupancy)

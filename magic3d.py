@@ -52,7 +52,10 @@ RESULT (CPU preset, `--prompt "a green cone"`, 2 busy cores, the toy SD shipped 
 RESULT (30 toy captions, H100, bench/eval_magic3d.py, session-4 toy SD): 25/30 meshes right (target
   90%), R-precision coarse 0.55, fine 0.45; four cubes read as cylinders (the first toy SD: 26/30).
   Seeds 1 and 2: 28/30 and 27/30, so 80/90 = 88.9% over three seeds; the cubes that turn into
-  cylinders do so in the coarse stage (bench/RESULTS_magic3d.md).
+  cylinders do so in the coarse stage (bench/RESULTS_magic3d.md). Green objects collapse in the
+  textureless steps (as in dreamfusion.py); --white-textureless-bg (off, not yet evaluated over the 30
+  captions) keeps "a green sphere" whole on the CPU, and --p-textureless 0 also turned the CPU's "a red
+  cube" (seed 0) from a cylinder into a cube (single runs, bench/RESULTS_magic3d.md).
 """
 import argparse
 import json
@@ -112,6 +115,7 @@ DEFAULTS = dict(
     light_jitter=1.0,         # light = normalize(camera position + N(0, this^2 I))
     bg_net=True,              # background colour from a small MLP on the ray direction (off: white)
     p_random_bg=0.5,          # probability of a random solid background colour instead
+    white_textureless_bg=False,  # textureless steps over white (colour words can't be met by the background)
     # --- cameras (toy defaults: the toy SD's training distribution) ---
     radius_min=3.0,           # camera distance range ...
     radius_max=4.0,           # ...
@@ -237,6 +241,8 @@ def train_coarse(cfg, run, prior, device):
         cam, light, bg = sample_view(cfg, device, (cfg.fov_min, cfg.fov_max))
         mode = common.pick_shading(step, cfg.albedo_iters, cfg.p_textureless, cfg.p_lambertian, random.random(),
                                    cfg.shading)
+        if mode == "textureless" and cfg.white_textureless_bg:
+            bg = torch.ones(3, device=device)
         # --- 2. volume-render at low resolution, skipping empty space ---
         out = render_coarse(field, bg_net, cfg, cam["c2w"][0].to(device), cam["fov"].item(), cfg.size, mode,
                             light, bg, perturb=True, occupancy=grid if cfg.occupancy else None)
