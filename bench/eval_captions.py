@@ -105,10 +105,10 @@ def main():
     p.add_argument("--jobs", type=int, default=4, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--out", default="out/eval")
-    p.add_argument("--captions", type=int, default=30, help="the first this many toy captions")
+    p.add_argument("--captions", nargs="*", default=toyworld.CAPTIONS, help="a subset of the toy captions (default: all)")
     own, extra = split_flags(sys.argv[1:])
     a = p.parse_args(own)
-    caps = toyworld.CAPTIONS[:a.captions]
+    caps = a.captions
     t0 = time.time()
     done = run_all(a.script, [(c.replace(" ", "_"), c, extra) for c in caps], a.out, a.jobs, a.threads)
     rows = [score(a.script, c, a.out, *done[c.replace(" ", "_")]) for c in caps]
