@@ -385,7 +385,7 @@ def get_ray_batch(c2w: torch.Tensor, H: int, W: int, focal, n: int, img_idx=None
     if pix is None:
         pix = torch.randint(0, H * W, (n,), generator=generator).to(dev)
     row, col = pix // W, pix % W
-    u = torch.rand(2, n, generator=generator).to(dev) if jitter else torch.full((2, n), 0.5, device=dev)
+    u = torch.rand(2, n, generator=generator).to(dev) if jitter else (0.5, 0.5)     # offsets within the pixel
     d_cam = torch.stack([(col + u[0] - W / 2) / focal, -(row + u[1] - H / 2) / focal,
                          -torch.ones_like(col, dtype=torch.float32)], dim=-1).float()   # (n, 3)
     R = c2w[img_idx, :3, :3]

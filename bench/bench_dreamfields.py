@@ -76,7 +76,7 @@ def print_profile(steps, device, rows: int = 25):
 
 
 def profile_variant(amp, compile_, ckpt, occ, args, device):
-    """torch.profiler table of 3 iterations (after 3 warm-up ones): where the GPU time goes."""
+    """torch.profiler tables of 3 iterations (after 3 warm-up ones): where the GPU and the host time go."""
     cfg, fast, opt, prior, txt = setup(amp, compile_, ckpt, occ, args, device)
     origin, step = torch.zeros(3), 0
 
