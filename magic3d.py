@@ -85,7 +85,7 @@ PRESETS = {
                   albedo_iters=2000, tet_res=128, fine_size=512, fine_iters=5000, threads=0, guidance=100.0,
                   fine_guidance=100.0, ambient=0.1, lambda_orient=1e-2, fd_eps=1e-2, fine_fov_min=30.0,
                   fine_fov_max=45.0, lambda_normal=1e4, lr_sdf=1e-2, video_size=256, compile=True,
-                  p_textureless=0.375),
+                  p_textureless=0.375, preview_every=1000, ckpt_every=1000),
 }
 DEFAULTS = dict(
     prompt="a red cube",      # the text the object should match (a view suffix is appended per camera)
