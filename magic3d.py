@@ -44,14 +44,15 @@ DEVIATION: the CPU preset trains the coarse stage without the occupancy grid (--
 RESULT (CPU preset, `--prompt "a green cone"`, 2 busy cores, the toy SD shipped in session 4): 3 min
   40 s wall in all (coarse 300 steps 109 s, fine 300 steps 56 s, the rest loading, conversion and
   export). Coarse: a green cone in a faint haze, toy-CLIP score 0.902, R-precision 1.0; fine: a green
-  mesh with the cone's peak and a holed, ragged skin (docs/magic3d_green_cone.png: coarse rows above,
-  fine below), toy-CLIP 0.780, R-precision 1.0; toyworld.classify calls the mesh "a green cone"
+  mesh with the cone's peak and a holed, ragged skin, toy-CLIP 0.780, R-precision 1.0;
+  toyworld.classify calls the mesh "a green cone"
   (Chamfer: cone 0.056, cylinder 0.118, cube 0.129). With the first toy SD: 3 min 6 s on a quiet
   machine, coarse 0.806, fine 0.556. The fine stage mostly inherits the coarse shape: on the toy SD,
   300 steps at --lr-sdf 1e-2 split the base into legs, --lambda-normal 1e4 did not smooth it further.
   Without textureless steps (the default since session 8): 4 min 34 s wall beside a DreamFusion run
   (coarse 146 s, fine 57 s), coarse toy-CLIP 0.888, fine 0.849, R-precision 1.0 both; a green cone
-  (cone 0.056, cylinder 0.109).
+  (cone 0.056, cylinder 0.109) with a smooth, closed skin (docs/magic3d_green_cone.png: the coarse
+  NeRF's rows above, the fine mesh's below).
 DEVIATION: no textureless steps with the toy SD, in either stage (--p-textureless 0; the paper preset
   keeps the paper's 0.375), as in dreamfusion.py: the toy SD has never seen a white object, so green
   objects thinned away in those steps and cubes lost their edges. --white-textureless-bg (off; not
