@@ -53,10 +53,11 @@ RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.
   reads many lumpy spheres and cylinders as other shapes (bench/RESULTS_dreamfusion.md).
 RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): a whole 10k-iteration run
   with --compile in 7.1 min, 4.8 GB peak (bench/RESULTS_dreamfusion.md).
-  --ablate (same seed, one run each, so differences of a few hundredths are noise; re-run after the
-  session-2 refactor): toy-CLIP score / R-precision: full 0.855 / 1.0, no blob 0.810 / 0.875, no shading
-  0.832 / 0.875, no view prompts 0.709 / 0.625, white background (no bg net) 0.766 / 0.75 (a red haze
-  fills the cube), no orientation loss 0.751 / 0.5, no opacity loss 0.864 / 1.0.
+  --ablate ("a red cube", seed 0, one run each, so differences of a few hundredths are noise; re-run
+  with the session-8 default): toy-CLIP score / R-precision: full 0.828 / 0.875, no blob 0.815 / 0.625,
+  no shading 0.808 / 0.875, no view prompts 0.833 / 0.875, white background (no bg net) 0.692 / 0.375
+  (a smaller, darker cube), no orientation loss 0.788 / 0.75, no opacity loss 0.816 / 0.875, with
+  textureless steps 0.848 / 0.875 (speckled faces; its mesh reads as a cylinder, session 6).
 """
 import argparse
 import math
@@ -329,7 +330,8 @@ def export(cfg, field, bg_net, grid, run, device, step, elapsed, curve):
 
 ABLATIONS = {"full": {}, "no blob": {"blob": False}, "no shading": {"shading": False},
              "no view prompts": {"view_prompts": False}, "white bg": {"bg_net": False},
-             "no orientation loss": {"lambda_orient": 0.0}, "no opacity loss": {"lambda_opacity": 0.0}}
+             "no orientation loss": {"lambda_orient": 0.0}, "no opacity loss": {"lambda_opacity": 0.0},
+             "with textureless steps": {"p_textureless": 0.375}}   # the paper's 0.375; off with the toy SD
 
 
 def ablate(cfg, prior, device):
