@@ -122,7 +122,7 @@ DEFAULTS = dict(
     light_jitter=1.0,         # light = normalize(camera position + N(0, this^2 I))
     bg_net=True,              # background colour from a small MLP on the ray direction (off: white)
     p_random_bg=0.5,          # probability of a random solid background colour instead
-    white_textureless_bg=False,  # textureless steps over white (colour words can't be met by the background)
+    white_textureless_bg=False,  # coarse stage: textureless steps over white (colour words can't be met by the bg)
     # --- cameras (toy defaults: the toy SD's training distribution) ---
     radius_min=3.0,           # camera distance range ...
     radius_max=4.0,           # ...
@@ -533,22 +533,27 @@ def main(argv=None):
         prior = common.DiffusionPrior(cfg.prior, device=device)
         if cfg.compile:
             prior.compile()
-        run = common.RunDir(cfg.out, "magic3d", cfg.name)
-        if cfg.stage in ("coarse", "all"):
-            field, bg_net, start, step, elapsed, curve = train_coarse(cfg, run, prior, device)
-            if start < step or not run.exists("coarse_preview.png"):
-                field.eval()
-                export(cfg, run, device, "coarse", coarse_renderer(field, bg_net, cfg), step, elapsed, curve)
-        else:
-            field, bg_net = load_coarse(cfg, run, device)
-        if cfg.stage in ("fine", "all"):
-            dmtet, start, step, elapsed, curve = train_fine(cfg, run, prior, device, field, bg_net)
-            with torch.no_grad():
-                verts, faces = dmtet()
-            if cfg.keep_largest:
-                verts, faces = common.largest_component(verts, faces)
-            export(cfg, run, device, "fine", mesh_renderer(verts, faces, field, bg_net, cfg), step, elapsed, curve,
-                   mesh=(verts, faces, field.albedo))
+        run_stages(cfg, prior, device)
+
+
+def run_stages(cfg, prior, device):
+    """The stages --stage names, each trained (or resumed) and exported into the run folder."""
+    run = common.RunDir(cfg.out, "magic3d", cfg.name)
+    if cfg.stage in ("coarse", "all"):
+        field, bg_net, start, step, elapsed, curve = train_coarse(cfg, run, prior, device)
+        if start < step or not run.exists("coarse_preview.png"):
+            field.eval()
+            export(cfg, run, device, "coarse", coarse_renderer(field, bg_net, cfg), step, elapsed, curve)
+    else:
+        field, bg_net = load_coarse(cfg, run, device)
+    if cfg.stage in ("fine", "all"):
+        dmtet, start, step, elapsed, curve = train_fine(cfg, run, prior, device, field, bg_net)
+        with torch.no_grad():
+            verts, faces = dmtet()
+        if cfg.keep_largest:
+            verts, faces = common.largest_component(verts, faces)
+        export(cfg, run, device, "fine", mesh_renderer(verts, faces, field, bg_net, cfg), step, elapsed, curve,
+               mesh=(verts, faces, field.albedo))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ Prints a markdown table (and writes it to <out>/bench_magic3d.md).
     python bench/bench_magic3d.py --whole coarse    # then --whole fine, in a second command
 A whole stage at the paper's step count, timed by the wall clock as magic3d.py's main() runs it:
 compilation, checkpoints, previews, conversion (fine) and the export of videos and mesh included
-(no toy-CLIP evaluation: the prior has random weights). The fine stage starts from a coarse field
-trained for --warmup steps (the wide blob), untimed; that warm-up also compiles the prior, whose
-compilation the coarse figure already holds. The two figures add up to one whole run.
+(no toy-CLIP evaluation: the prior has random weights), through magic3d.run_stages with --stage
+coarse or fine. The fine stage starts from a coarse field trained for --warmup steps (the wide blob),
+untimed; that warm-up also compiles the prior, whose compilation the coarse figure already holds.
+The two figures add up to one whole run (the fine one also holds reading coarse.pt back).
 """
 import argparse
 import os
@@ -67,15 +68,17 @@ def main():
     if not args.no_compile:
         prior.compile()          # as magic3d.py's paper preset does (--compile)
     prior._embeddings.setdefault(PROMPT, torch.randn(1, 77, 1024, device=dev, dtype=torch.float16))
-    run = common.RunDir(args.out, "magic3d", f"bench_{int(time.time())}")
+    name = f"bench_{int(time.time())}"
     base = ["--preset", "paper", "--prompt", PROMPT, "--no-view-prompts", "--device", args.device, "--eval-clip", "",
-            "--blob-density", "10", "--blob-radius", "0.5", "--preview-every", "100000", "--ckpt-every", "100000"]
+            "--blob-density", "10", "--blob-radius", "0.5", "--out", args.out, "--name", name]
+    if args.whole:
+        return whole(args.whole, base, prior, dev, args.warmup)
+    run = common.RunDir(args.out, "magic3d", name)
+    quiet = ["--preview-every", "100000", "--ckpt-every", "100000"]       # the step times alone
 
     def cfg(stage, n, resume):
-        return magic3d.parse_args(base + [f"--{stage}-iters", str(n)] + (["--resume"] if resume else []))
+        return magic3d.parse_args(base + quiet + [f"--{stage}-iters", str(n)] + (["--resume"] if resume else []))
 
-    if args.whole:
-        return whole(args.whole, base[:-4], run, prior, dev, args.warmup)
     rows = {}
     # --- coarse stage ---
     w = args.warmup
@@ -109,25 +112,12 @@ def main():
         f.write(text + "\n")
 
 
-def whole(stage: str, base: list, run, prior, dev, warmup: int):
-    """Time one whole stage at the paper's step count (main()'s steps for it) and print the figure."""
-    cfg = magic3d.parse_args(base)
-    if stage == "coarse":
-        def work():
-            field, bg_net, *_, step, elapsed, curve = magic3d.train_coarse(cfg, run, prior, dev)
-            magic3d.export(cfg, run, dev, "coarse", magic3d.coarse_renderer(field, bg_net, cfg), step, elapsed, curve)
-    else:
-        short = magic3d.parse_args(base + ["--coarse-iters", str(warmup)])
-        field, bg_net, *_ = magic3d.train_coarse(short, run, prior, dev)          # untimed: blob + compiled prior
-
-        def work():
-            dmtet, _, step, elapsed, curve = magic3d.train_fine(cfg, run, prior, dev, field, bg_net)
-            with torch.no_grad():
-                verts, faces = common.largest_component(*dmtet())
-            magic3d.export(cfg, run, dev, "fine", magic3d.mesh_renderer(verts, faces, field, bg_net, cfg), step,
-                           elapsed, curve, mesh=(verts, faces, field.albedo))
-            print(f"fine mesh: {len(verts)} vertices, {len(faces)} faces")
-    seconds, _ = timed(work)
+def whole(stage: str, base: list, prior, dev, warmup: int):
+    """Time one whole stage at the paper's step count, as magic3d.py's main() runs it, and print the figure."""
+    cfg = magic3d.parse_args(base + ["--stage", stage])
+    if stage == "fine":                                    # untimed: the blob's coarse.pt, the prior compiled
+        magic3d.run_stages(magic3d.parse_args(base + ["--stage", "coarse", "--coarse-iters", str(warmup)]), prior, dev)
+    seconds, _ = timed(lambda: magic3d.run_stages(cfg, prior, dev))
     n = cfg.coarse_iters if stage == "coarse" else cfg.fine_iters
     gpu = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB, {torch.cuda.get_device_name()}" \
         if torch.cuda.is_available() else ""
