@@ -1494,14 +1494,23 @@ class DiffusionPrior:
         self._embeddings = {}
 
     def compile(self):
-        """torch.compile the UNet, replayed as a CUDA graph (mode "reduce-overhead"), and the VAE
-        encoder: about 2x faster SDS steps on a GPU (bench/RESULTS_priors.md); the first calls
-        take a minute or so to compile. Off CUDA (no CUDA graphs) it leaves the prior as it is."""
+        """Channels-last weights (the layout fp16 convolutions run fastest in), then torch.compile the
+        UNet and the VAE encoder (its forward and backward passes), each replayed as CUDA graphs
+        (mode "reduce-overhead": one launch instead of hundreds of kernels a call, which is what an SDS
+        step waits on): about 2x faster SDS steps on a GPU (bench/RESULTS_priors.md); the first calls
+        take a minute or two to compile. The VAE's attention (one head of width 512 over 64 x 64
+        latents) is too wide for flash attention, and SDPA's fallback kernel spent ~6 ms a step in
+        its backward pass on an H100 (bench/RESULTS_magic3d.md): it runs as plain matrix products.
+        Off CUDA (no CUDA graphs) it leaves the prior as it is."""
         if self.device.type != "cuda":
             return self
+        from diffusers.models.attention_processor import AttnProcessor
+        self.unet.to(memory_format=torch.channels_last)
         self.unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=True)
         if self.vae is not None:
-            self.vae.encoder = torch.compile(self.vae.encoder)
+            self.vae.set_attn_processor(AttnProcessor())          # softmax(Q K^T / sqrt(d)) V as matmuls
+            self.vae.to(memory_format=torch.channels_last)
+            self.vae.encoder = torch.compile(self.vae.encoder, mode="reduce-overhead")
         return self
 
     # ---- text ----------------------------------------------------------------------------------

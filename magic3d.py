@@ -6,7 +6,7 @@ Run:
     python magic3d.py --prompt "a green cone" --stage fine       # ... then the fine stage from its checkpoint
     python magic3d.py --preset paper --prompt "a DSLR photo of a corgi" \\
         --prior stabilityai/stable-diffusion-2-1-base            # a real latent diffusion model (a GPU;
-                                                                  # ~15 min on an H100, bench/RESULTS_magic3d.md)
+                                                                  # 12.5 min on an H100, bench/RESULTS_magic3d.md)
     python magic3d.py --name run1 --resume --fine-iters 400      # continue a run (Ctrl-C saves a checkpoint)
 Outputs in out/magic3d/<name>/: config.json, coarse.pt and fine.pt (checkpoints), coarse_*.mp4 and
 fine_*.mp4 (colour / textureless / normals turntables of both stages), coarse_preview.png, preview.png,
@@ -167,7 +167,7 @@ DEFAULTS = dict(
     preview_every=100,        # write a preview every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
-    compile=False,            # CUDA: torch.compile the prior's UNet (as a CUDA graph) and VAE encoder
+    compile=False,            # CUDA: torch.compile the prior's UNet and VAE encoder, both as CUDA graphs
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
 STAGES = ("coarse", "fine", "all")
@@ -218,7 +218,8 @@ def render_coarse(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, pert
 def train_coarse(cfg, run, prior, device):
     common.seed_everything(cfg.seed)
     field, bg_net = build_field(cfg).to(device), common.Background().to(device)
-    opt = torch.optim.Adam(list(field.parameters()) + list(bg_net.parameters()), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15)
+    opt = torch.optim.Adam(list(field.parameters()) + list(bg_net.parameters()), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15,
+                           fused=torch.device(device).type == "cuda")
     # a cell is empty when one step through it would absorb < 1% (alpha = 1 - exp(-sigma dt))
     grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
     start, elapsed, curve = 0, 0.0, []
@@ -260,19 +261,21 @@ def train_coarse(cfg, run, prior, device):
         # --- 4. regularisers: orientation, opacity ---
         opacity = torch.sqrt(out["opacity"] ** 2 + 0.01).mean()
         loss = sds + cfg.lambda_orient * out["orient"] + cfg.lambda_opacity * opacity
-        common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        # checked after the step, so the host queues the backward pass without waiting for the forward one;
+        # a non-finite loss still stops the run before any checkpoint holds the step's parameters
+        common.check_finite(loss, step)
         if cfg.occupancy and (step + 1) % cfg.grid_every == 0:    # NGP: EMA of the density, new mask
             grid.update(field.density)
         elapsed += time.perf_counter() - t0
         step += 1
         # --- 5. log, preview, checkpoint ---
-        curve.append({"step": step, "loss": loss.item(), "t": info["t"].item(), "mode": mode,
-                      "opacity": out["opacity"].mean().item()})
+        loss_, t_, opacity_ = torch.stack([loss.detach(), info["t"][0].float(), out["opacity"].detach().mean()]).tolist()
+        curve.append({"step": step, "loss": loss_, "t": t_, "mode": mode, "opacity": opacity_})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.2f}", opacity=f"{curve[-1]['opacity']:.2f}", mode=mode[:4])
+        bar.set_postfix(loss=f"{loss_:.2f}", opacity=f"{opacity_:.2f}", mode=mode[:4], refresh=False)
         if step % cfg.preview_every == 0:
             common.save_image(run.file("coarse_preview.png"), preview(coarse_renderer(field, bg_net, cfg), cfg.size, device))
         if step % cfg.ckpt_every == 0 or ctrl_c.hit:
@@ -377,7 +380,7 @@ def train_fine(cfg, run, prior, device, field, bg_net):
     opt = torch.optim.Adam([{"params": [dmtet.sdf], "lr": cfg.lr_sdf},
                             {"params": [dmtet.offset], "lr": cfg.lr_deform},
                             {"params": list(field.parameters()) + list(bg_net.parameters()), "lr": cfg.lr_texture}],
-                           betas=(0.9, 0.99), eps=1e-15)
+                           betas=(0.9, 0.99), eps=1e-15, fused=torch.device(device).type == "cuda")
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume and run.exists("fine.pt"):
         ck = run.load_checkpoint("fine.pt")
@@ -415,17 +418,19 @@ def train_fine(cfg, run, prior, device, field, bg_net):
         # --- 4. normal consistency: neighbouring faces should agree ---
         normal = common.normal_consistency_loss(verts, faces)
         loss = sds + cfg.lambda_normal * normal
-        common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        common.check_finite(loss, step)
         elapsed += time.perf_counter() - t0
         step += 1
         # --- 5. log, preview, checkpoint ---
-        curve.append({"step": step, "loss": loss.item(), "sds": sds.item(), "normal": normal.item(),
-                      "t": info["t"].item(), "mode": mode, "faces": len(faces)})
+        loss_, sds_, normal_, t_ = torch.stack([loss.detach(), sds.detach(), normal.detach(),
+                                                info["t"][0].float()]).tolist()
+        curve.append({"step": step, "loss": loss_, "sds": sds_, "normal": normal_, "t": t_, "mode": mode,
+                      "faces": len(faces)})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.2f}", normal=f"{normal.item():.3f}", faces=len(faces))
+        bar.set_postfix(loss=f"{loss_:.2f}", normal=f"{normal_:.3f}", faces=len(faces), refresh=False)
         if step % cfg.preview_every == 0:
             common.save_image(run.file("preview.png"), preview(mesh_renderer(verts, faces, field, bg_net, cfg), cfg.fine_size, device))
         if step % cfg.ckpt_every == 0 or ctrl_c.hit:
@@ -529,6 +534,9 @@ def main(argv=None):
         device = common.pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if device.type == "cuda":   # TF32 matmuls (the fields' MLPs); cuDNN's fastest kernels for fixed-size convs
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written
         prior = common.DiffusionPrior(cfg.prior, device=device)
         if cfg.compile:
