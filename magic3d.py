@@ -167,7 +167,7 @@ DEFAULTS = dict(
     preview_every=100,        # write a preview every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
-    compile=False,            # CUDA: torch.compile the prior's UNet and VAE encoder, both as CUDA graphs
+    compile=False,            # CUDA speed path: the prior's UNet + VAE encoder compiled as CUDA graphs, TF32, fused Adam
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
 STAGES = ("coarse", "fine", "all")
@@ -219,7 +219,7 @@ def train_coarse(cfg, run, prior, device):
     common.seed_everything(cfg.seed)
     field, bg_net = build_field(cfg).to(device), common.Background().to(device)
     opt = torch.optim.Adam(list(field.parameters()) + list(bg_net.parameters()), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15,
-                           fused=torch.device(device).type == "cuda")
+                           fused=cfg.compile and torch.device(device).type == "cuda")
     # a cell is empty when one step through it would absorb < 1% (alpha = 1 - exp(-sigma dt))
     grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
     start, elapsed, curve = 0, 0.0, []
@@ -380,7 +380,8 @@ def train_fine(cfg, run, prior, device, field, bg_net):
     opt = torch.optim.Adam([{"params": [dmtet.sdf], "lr": cfg.lr_sdf},
                             {"params": [dmtet.offset], "lr": cfg.lr_deform},
                             {"params": list(field.parameters()) + list(bg_net.parameters()), "lr": cfg.lr_texture}],
-                           betas=(0.9, 0.99), eps=1e-15, fused=torch.device(device).type == "cuda")
+                           betas=(0.9, 0.99), eps=1e-15,
+                           fused=cfg.compile and torch.device(device).type == "cuda")
     start, elapsed, curve = 0, 0.0, []
     if cfg.resume and run.exists("fine.pt"):
         ck = run.load_checkpoint("fine.pt")
@@ -534,7 +535,7 @@ def main(argv=None):
         device = common.pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if device.type == "cuda":   # TF32 matmuls (the fields' MLPs); cuDNN's fastest kernels for fixed-size convs
+        if cfg.compile and device.type == "cuda":   # the speed path: TF32 matmuls, cuDNN's fastest conv kernels
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         common.check_prior_prompt(cfg.prior, cfg.prompt)   # a bad prompt stops here, nothing written

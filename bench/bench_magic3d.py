@@ -61,7 +61,7 @@ def main():
     p.add_argument("--whole", choices=["coarse", "fine"], help="time this whole stage instead (see above)")
     args = p.parse_args()
     dev = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True     # the backend flags magic3d.py's main() sets on CUDA
+    torch.backends.cuda.matmul.allow_tf32 = True     # the backend flags magic3d.py's main() sets with --compile
     torch.backends.cudnn.benchmark = True
     prior = build_prior(dev)
     if not args.no_compile:
