@@ -1498,9 +1498,10 @@ class DiffusionPrior:
         UNet and the VAE encoder (its forward and backward passes), each replayed as CUDA graphs
         (mode "reduce-overhead": one launch instead of hundreds of kernels a call, which is what an SDS
         step waits on): about 2x faster SDS steps on a GPU (bench/RESULTS_priors.md); the first calls
-        take a minute or two to compile. The VAE's attention (one head of width 512 over 64 x 64
-        latents) is too wide for flash attention, and SDPA's fallback kernel spent ~6 ms a step in
-        its backward pass on an H100 (bench/RESULTS_magic3d.md): it runs as plain matrix products.
+        take a minute or two to compile. The VAE's attention (one head of width 512 over the 64 x 64
+        positions of its middle block) is too wide for flash attention, and SDPA's fallback kernel
+        spent ~6 ms a step in its backward pass on an H100 (bench/RESULTS_magic3d.md): it runs as
+        plain matrix products instead.
         Off CUDA (no CUDA graphs) it leaves the prior as it is."""
         if self.device.type != "cuda":
             return self
