@@ -167,7 +167,7 @@ DEFAULTS = dict(
     preview_every=100,        # write a preview every this many steps
     ckpt_every=100,           # save a checkpoint every this many steps
     threads=1,                # CPU threads for torch (0: torch's default; small tensors run best on one)
-    compile=False,            # CUDA speed path: the prior's UNet + VAE encoder compiled as CUDA graphs, TF32, fused Adam
+    compile=False,            # CUDA speed path: prior as CUDA graphs; TF32, cuDNN autotuning, fused Adam
 )
 AABB = torch.tensor([[-1.0] * 3, [1.0] * 3])   # the scene is bounded in the cube |x|_inf <= 1
 STAGES = ("coarse", "fine", "all")
@@ -218,8 +218,8 @@ def render_coarse(field, bg_net, cfg, c2w, fov, size, mode, light, bg=None, pert
 def train_coarse(cfg, run, prior, device):
     common.seed_everything(cfg.seed)
     field, bg_net = build_field(cfg).to(device), common.Background().to(device)
-    opt = torch.optim.Adam(list(field.parameters()) + list(bg_net.parameters()), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-15,
-                           fused=cfg.compile and torch.device(device).type == "cuda")
+    opt = torch.optim.Adam(list(field.parameters()) + list(bg_net.parameters()), lr=cfg.lr, betas=(0.9, 0.99),
+                           eps=1e-15, fused=cfg.compile and torch.device(device).type == "cuda")
     # a cell is empty when one step through it would absorb < 1% (alpha = 1 - exp(-sigma dt))
     grid = common.OccupancyGrid(AABB, cfg.grid_res, threshold=0.01 * cfg.n_samples / 2).to(device)
     start, elapsed, curve = 0, 0.0, []
@@ -272,7 +272,8 @@ def train_coarse(cfg, run, prior, device):
         elapsed += time.perf_counter() - t0
         step += 1
         # --- 5. log, preview, checkpoint ---
-        loss_, t_, opacity_ = torch.stack([loss.detach(), info["t"][0].float(), out["opacity"].detach().mean()]).tolist()
+        loss_, t_, opacity_ = torch.stack([loss.detach(), info["t"][0].float(),
+                                           out["opacity"].detach().mean()]).tolist()          # one transfer
         curve.append({"step": step, "loss": loss_, "t": t_, "mode": mode, "opacity": opacity_})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_:.2f}", opacity=f"{opacity_:.2f}", mode=mode[:4], refresh=False)
