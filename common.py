@@ -1797,16 +1797,21 @@ def render_object(field: ObjectField, rays_o: torch.Tensor, rays_d: torch.Tensor
 def render_object_view(field: ObjectField, bg_net: Background, c2w: torch.Tensor, fov: float, size: int,
                        mode: str, light: torch.Tensor, n_samples: int, ambient: float,
                        normal_min_weight: float = 1e-2, need_orient: bool = True, bg: torch.Tensor = None,
-                       perturb: bool = False, occupancy: OccupancyGrid = None) -> dict:
+                       perturb: bool = False, occupancy: OccupancyGrid = None, chunk: int = 4096) -> dict:
     """render_object for one camera: c2w (4, 4), horizontal field of view in degrees, a square
     image of `size` pixels, over the background network (bg None) or a solid colour bg (3,).
-    Returns render_object's maps as images: (size, size, 3), opacity (size, size), orient."""
+    Rays are rendered `chunk` at a time (memory grows with rays x samples: a 256-px frame at 128
+    samples in one pass needs tens of GB). Returns render_object's maps as images: (size, size, 3),
+    opacity (size, size), and orient (the mean over all rays)."""
     rays_o, rays_d = get_rays(size, size, focal_from_fov(fov, size), c2w)
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
-    background = bg_net(rays_d) if bg is None else bg.expand(rays_d.shape[0], 3)
-    out = render_object(field, rays_o, rays_d, light, mode, background, n_samples, perturb, ambient,
-                        normal_min_weight, need_orient, occupancy)
-    out.pop("weights")
+    R = rays_d.shape[0]
+    background = bg_net(rays_d) if bg is None else bg.expand(R, 3)
+    parts = [render_object(field, rays_o[i:i + chunk], rays_d[i:i + chunk], light, mode, background[i:i + chunk],
+                           n_samples, perturb, ambient, normal_min_weight, need_orient, occupancy)
+             for i in range(0, R, chunk)]
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "orient")}
+    out["orient"] = sum(p["orient"] * len(p["opacity"]) for p in parts) / R
     return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
 
 

@@ -52,8 +52,8 @@ RESULT (30 toy captions x seeds 0, 1, 2, H100, this preset, bench/eval_captions.
   the largest piece. Mean R-precision of the held-out views 0.61 (0.575 / 0.621 / 0.646): the toy CLIP
   reads many lumpy spheres and cylinders as other shapes (bench/RESULTS_dreamfusion.md).
 RESULT (speed, --preset paper with SD-2.1-base-shaped networks, H100): a whole 10k-iteration run
-  with --compile in 7.1 min, 4.8 GB peak (bench/RESULTS_dreamfusion.md; measured before session 9's
-  changes to common.DiffusionPrior.compile, not re-timed since).
+  with --compile in 6.4 min (38.3 ms an iteration), 5.75 GiB peak (bench/RESULTS_dreamfusion.md,
+  session 10, with session 9's common.DiffusionPrior.compile; session 8's code: 7.1 min).
   --ablate ("a red cube", seed 0, one run each, so differences of a few hundredths are noise; re-run
   with the session-8 default): toy-CLIP score / R-precision: full 0.828 / 0.875, no blob 0.815 / 0.625,
   no shading 0.808 / 0.875, no view prompts 0.833 / 0.875, white background (no bg net) 0.692 / 0.375

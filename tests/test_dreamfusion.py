@@ -61,6 +61,21 @@ def test_textureless_render_is_grey_and_lambertian_follows_the_light():
     assert torch.allclose(v["rgb"], w["rgb"])          # albedo-only ignores the light
 
 
+def test_a_view_rendered_in_chunks_equals_one_pass():
+    """render_object_view splits the rays into chunks (the memory of large export frames): every map
+    and the ray-averaged orientation loss must equal one pass over all rays."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    field, bg_net = df.build_field(cfg), common.Background()
+    c2w, light = common.pose_spherical(3.5, 20.0, 30.0), torch.tensor([0.6, 0.0, 0.8])
+    with torch.no_grad():
+        one = common.render_object_view(field, bg_net, c2w, 40.0, 16, "all", light, 16, 0.1, chunk=256)
+        parts = common.render_object_view(field, bg_net, c2w, 40.0, 16, "all", light, 16, 0.1, chunk=100)
+    assert set(one) == set(parts) and one["orient"] > 0
+    for k in one:
+        assert torch.allclose(one[k], parts[k], atol=1e-6), k
+
+
 @pytest.mark.parametrize("mode", ["fd", "autograd"])
 def test_normals_of_the_blob_point_outwards(mode):
     cfg = small_cfg("--normals", mode)
