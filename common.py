@@ -1187,7 +1187,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
 #   similarity(img_emb, txt_emb)     cosine similarities (B, T)
 #   r_precision(images, captions, true_idx)   top-1 retrieval accuracy among the captions
 
-TOY_CLIP = {"toy": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_clip")}
+TOY_CLIP = {"toy": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_clip"),
+            "toy-eval": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_clip_eval")}
 TOY_CLIP_VOCAB_FILE = "toyworld.json"      # present only in a bundled toy folder: {"vocab": [...], ...}
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 

@@ -148,11 +148,25 @@ def to_object(p: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor) -> torch.
     return torch.stack([c * p[:, 0] + s * p[:, 1], -s * p[:, 0] + c * p[:, 1], p[:, 2]], -1) / scale[:, None]
 
 
-def scene_sdf(p: torch.Tensor, shape_idx: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor):
-    """World-space distance to posed objects, one per point: p (N, 3); shape_idx, yaw, scale (N,).
-    An exact SDF stays exact under a rotation and a uniform scale:
+def bump(q: torch.Tensor, bumps: torch.Tensor) -> torch.Tensor:
+    """Surface bumps added to the distance at canonical points q (N, 3): a sin(f q_x + p_1)
+    sin(f q_y + p_2) sin(f q_z + p_3), with bumps (N, 5) = (a, f, p_1, p_2, p_3) per point.
+    The sum is no longer an exact distance: its gradient is at most 1 + a f sqrt(3) (bump_lipschitz)."""
+    a, f, ph = bumps[:, 0], bumps[:, 1, None], bumps[:, 2:]
+    return a * torch.sin(f * q + ph).prod(-1)
+
+
+def bump_lipschitz(bumps: torch.Tensor) -> torch.Tensor:
+    return 1 + bumps[:, 0] * bumps[:, 1] * math.sqrt(3)
+
+
+def scene_sdf(p: torch.Tensor, shape_idx: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor, bumps=None):
+    """World-space distance to posed objects, one per point: p (N, 3); shape_idx, yaw, scale (N,);
+    bumps None or (N, 5) (see bump). An exact SDF stays exact under a rotation and a uniform scale:
     sdf_world(p) = scale * sdf(R_z(-yaw) p / scale)."""
-    return sdf_by_shape(to_object(p, yaw, scale), shape_idx) * scale
+    q = to_object(p, yaw, scale)
+    d = sdf_by_shape(q, shape_idx)
+    return (d if bumps is None else d + bump(q, bumps)) * scale
 
 
 def _areas(shape: str) -> dict:
@@ -275,10 +289,12 @@ def classify(points: torch.Tensor, colours: torch.Tensor, n: int = 800, generato
 # ================================================================================================
 
 
-def sphere_trace(rays_o, rays_d, shape_idx, yaw, scale, steps: int = 64, eps: float = 1e-3):
+def sphere_trace(rays_o, rays_d, shape_idx, yaw, scale, steps: int = 64, eps: float = 1e-3, bumps=None):
     """March each ray by the distance bound, t <- t + sdf(o + t d), until it is within eps of
     the surface or leaves the bounding sphere. rays_o, rays_d (N, 3) (d unit length);
-    shape_idx, yaw, scale (N,). Returns the hit points (N, 3) and a hit mask (N,)."""
+    shape_idx, yaw, scale (N,); bumps None or (N, 5): the bumped distance divided by its Lipschitz
+    bound is again a safe step (more steps are then allowed). Returns the hit points (N, 3) and a
+    hit mask (N,)."""
     # start and stop where the ray meets the bounding sphere |x| = BOUND
     b = (rays_o * rays_d).sum(-1)
     disc = b * b - (rays_o * rays_o).sum(-1) + BOUND ** 2
@@ -287,33 +303,39 @@ def sphere_trace(rays_o, rays_d, shape_idx, yaw, scale, steps: int = 64, eps: fl
     # march in each object's frame: p_obj = o_obj + t d_obj, world distance = scale * sdf(p_obj)
     o_obj, d_obj = to_object(rays_o, yaw, scale), to_object(rays_d, yaw, scale)
     active = torch.nonzero(disc > 0)[:, 0]              # only rays still marching are evaluated
+    if bumps is not None:
+        steps, lip = 4 * steps, bump_lipschitz(bumps)
     for _ in range(steps):
-        dist = sdf_by_shape(o_obj[active] + t[active, None] * d_obj[active], shape_idx[active]) * scale[active]
+        q = o_obj[active] + t[active, None] * d_obj[active]
+        dist = sdf_by_shape(q, shape_idx[active]) * scale[active]
+        if bumps is not None:
+            dist = (dist + bump(q, bumps[active]) * scale[active]) / lip[active]
         t[active] = torch.minimum(t[active] + dist, t_far[active])
         active = active[(dist > 0.1 * eps) & (t[active] < t_far[active])]
         if len(active) == 0:
             break
     x = rays_o + t[:, None] * rays_d
-    hit = (disc > 0) & (t < t_far) & (scene_sdf(x, shape_idx, yaw, scale).abs() < 5 * eps)
+    hit = (disc > 0) & (t < t_far) & (scene_sdf(x, shape_idx, yaw, scale, bumps).abs() < 5 * eps)
     return x, hit
 
 
-def scene_normals(x, shape_idx, yaw, scale, h: float = 1e-3):
+def scene_normals(x, shape_idx, yaw, scale, h: float = 1e-3, bumps=None):
     """Unit normals (N, 3): the SDF gradient by central differences."""
     grads = []
     for k in range(3):
         e = torch.zeros(3, device=x.device)
         e[k] = h
-        grads.append(scene_sdf(x + e, shape_idx, yaw, scale) - scene_sdf(x - e, shape_idx, yaw, scale))
+        grads.append(scene_sdf(x + e, shape_idx, yaw, scale, bumps) - scene_sdf(x - e, shape_idx, yaw, scale, bumps))
     return F.normalize(torch.stack(grads, -1), dim=-1)
 
 
 def render_objects(shape_idx, colour_idx, c2w, fov, size: int, yaw, scale, light_dir, ambient,
-                   supersample: int = 2):
+                   supersample: int = 2, bumps=None):
     """Render one object per image. shape_idx (B,) long, into OBJECTS (the SHAPES, then the
     DECOYS); colour_idx (B,) long; c2w (B, 4, 4); fov (B,)
     degrees; yaw (B,) radians; scale (B,); light_dir (B, 3) unit, pointing at the light;
-    ambient (B,). Lambertian shading: colour = albedo * (ambient + (1 - ambient) max(0, n.l)).
+    ambient (B,); bumps None or (B, 5), surface bumps per object (see bump).
+    Lambertian shading: colour = albedo * (ambient + (1 - ambient) max(0, n.l)).
     Renders at size * supersample and box-filters down (anti-aliasing).
     Returns premultiplied rgb (B, 3, size, size) and alpha (B, 1, size, size): composite as
     rgb + (1 - alpha) * background."""
@@ -327,8 +349,9 @@ def render_objects(shape_idx, colour_idx, c2w, fov, size: int, yaw, scale, light
     rays_o = c2w[:, None, None, :3, 3].expand(B, S, S, 3).reshape(-1, 3)
     per_ray = lambda v: v.to(dev)[:, None].expand(B, S * S).reshape(-1)              # noqa: E731
     sh, yw, sc = per_ray(shape_idx), per_ray(yaw), per_ray(scale)
-    x, hit = sphere_trace(rays_o, rays_d, sh, yw, sc)
-    n = scene_normals(x, sh, yw, sc)                                                  # (B S S, 3)
+    bm = None if bumps is None else bumps.to(dev)[:, None].expand(B, S * S, 5).reshape(-1, 5)
+    x, hit = sphere_trace(rays_o, rays_d, sh, yw, sc, bumps=bm)
+    n = scene_normals(x, sh, yw, sc, bumps=bm)                                        # (B S S, 3)
     l = light_dir.to(dev)[:, None, :].expand(B, S * S, 3).reshape(-1, 3)
     amb = per_ray(ambient)
     shade = amb + (1 - amb) * (n * l).sum(-1).clamp(min=0)                            # (B S S,)
@@ -433,9 +456,10 @@ def sample_scenes(n: int, held_out: bool, generator: torch.Generator, decoys: bo
 
 
 def random_renders(n: int, size: int, seed: int = 0, device="cpu", held_out: bool = False,
-                   background="random", chunk: int = 256):
+                   background="random", chunk: int = 256, rough: float = 0.0):
     """n random toy renders. background: "random" (a uniform mix of the split's kinds), or one of
-    TRAIN_BACKGROUNDS + HELD_OUT_BACKGROUNDS, e.g. "white". All randomness comes from `seed` on
+    TRAIN_BACKGROUNDS + HELD_OUT_BACKGROUNDS, e.g. "white". rough > 0: that fraction of the objects
+    get random surface bumps (random_bumps). All randomness comes from `seed` on
     the CPU, so the images are the same on every device (up to float rounding).
     Returns images (n, 3, size, size) in [0, 1] and caption_idx (n,) long (index into CAPTIONS)."""
     g = torch.Generator().manual_seed(seed)
@@ -446,11 +470,13 @@ def random_renders(n: int, size: int, seed: int = 0, device="cpu", held_out: boo
     pick = torch.randint(0, len(kinds_all), (n,), generator=g)
     kinds = [kinds_all[i] for i in pick] if background == "random" else [background] * n
     bg = backgrounds(kinds, size, g)
+    bumps = random_bumps(n, rough, g) if rough > 0 else None
     images = []
     for i in range(0, n, chunk):
         s = {k: v[i:i + chunk].to(device) for k, v in sc.items()}
         rgb, alpha = render_objects(s["shape_idx"], s["colour_idx"], s["c2w"], s["fov"], size, s["yaw"],
-                                    s["scale"], s["light_dir"], s["ambient"])
+                                    s["scale"], s["light_dir"], s["ambient"],
+                                    bumps=None if bumps is None else bumps[i:i + chunk])
         images.append(rgb + (1 - alpha) * bg[i:i + chunk].to(device))
     caption_idx = sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]
     return torch.cat(images).clamp(0, 1), caption_idx.to(device)
@@ -477,16 +503,28 @@ TOY_VOCAB = ["a"] + list(COLOURS) + SHAPES
 NONE = len(CAPTIONS)        # the training target of a decoy: the extra "none" class after the 30 captions
 
 
-def render_pool(n: int, size: int, seed: int, device, chunk: int = 256, decoys: bool = False) -> dict:
+def random_bumps(n: int, rough: float, generator: torch.Generator, max_amplitude: float = 0.03) -> torch.Tensor:
+    """(n, 5) surface bumps (see bump): a fraction `rough` of the objects get an amplitude uniform in
+    [0, max_amplitude] (canonical units: the sphere's radius is SPHERE_R), a frequency uniform in
+    [8, 40] and random phases; the others none (a = 0)."""
+    u = torch.rand(n, 5, generator=generator)
+    a = torch.where(u[:, 0] < rough, u[:, 1] * max_amplitude, torch.zeros(n))
+    return torch.cat([a[:, None], 8 + 32 * u[:, 2:3], 2 * math.pi * torch.rand(n, 3, generator=generator)], 1)
+
+
+def render_pool(n: int, size: int, seed: int, device, chunk: int = 256, decoys: bool = False,
+                rough: float = 0.0) -> dict:
     """n training-distribution objects without backgrounds: premultiplied rgb (n, 3, size, size)
     and alpha (n, 1, size, size) in half precision, and caption indices (n,). decoys: the objects
-    are DECOYS, whose caption index is NONE (no caption)."""
+    are DECOYS, whose caption index is NONE (no caption). rough > 0: that fraction of the objects
+    get random surface bumps (random_bumps), the rest are drawn exactly as with rough = 0."""
     sc = sample_scenes(n, held_out=False, generator=torch.Generator().manual_seed(seed), decoys=decoys)
+    bumps = random_bumps(n, rough, torch.Generator().manual_seed(seed + 7000)) if rough > 0 else None
     rgb, alpha = [], []
     for i in range(0, n, chunk):
         s = {k: v[i:i + chunk].to(device) for k, v in sc.items()}
         c, a = render_objects(s["shape_idx"], s["colour_idx"], s["c2w"], s["fov"], size, s["yaw"], s["scale"],
-                              s["light_dir"], s["ambient"])
+                              s["light_dir"], s["ambient"], bumps=None if bumps is None else bumps[i:i + chunk])
         rgb.append(c.half())
         alpha.append(a.half())
     caption_idx = torch.full((n,), NONE) if decoys else sc["shape_idx"] * len(COLOURS) + sc["colour_idx"]
@@ -532,7 +570,7 @@ def caption_or_none_loss(logits: torch.Tensor, target: torch.Tensor, none_logit=
 
 
 def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed: int, device,
-               decoys: float = 0.0, init: str = ""):
+               decoys: float = 0.0, init: str = "", rough: float = 0.0):
     """Train the toy CLIP from scratch. Every batch holds all 30 captions, so the contrastive
     (InfoNCE) loss of CLIP is taken over the full caption set: for image i with caption y_i,
     loss_i = -log softmax_j(s * <f(image_i), g(caption_j)>)[y_i], with the learned temperature s.
@@ -542,7 +580,9 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     caption_or_none_loss. Its logit is b = s * tau with tau a learned cosine threshold (a scalar
     that only training uses: the saved model is a plain open_clip model). decoys = 0: no decoys,
     no "none" class (the loss above, exactly). init: an open_clip folder whose weights to start from
-    (fine-tuning a trained toy CLIP, e.g. with decoys) instead of a random initialisation."""
+    (fine-tuning a trained toy CLIP, e.g. with decoys) instead of a random initialisation.
+    rough: the fraction of pooled objects with random surface bumps (render_pool), so that shape, not
+    a perfectly smooth shading, is what names a sphere (the evaluation CLIP, data/toy_clip_eval)."""
     import open_clip
     if not 0.0 <= decoys < 1.0:
         raise common.UserError(f"--decoys {decoys} must be in [0, 1)")
@@ -557,7 +597,7 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     size = TOY_CLIP_CONFIG["model_cfg"]["vision_cfg"]["image_size"]
     n_decoy = round(decoys * batch)                     # decoy images per batch
     t0 = time.time()
-    pool = render_pool(pool_size, size, seed, device)
+    pool = render_pool(pool_size, size, seed, device, rough=rough)
     params = [{"params": model.parameters(), "weight_decay": 0.05}]
     if decoys > 0:
         decoy_pool = render_pool(max(1, round(decoys * pool_size)), size, seed + 5000, device, decoys=True)
@@ -610,7 +650,7 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     used[tokens.unique().cpu()] = True
     state["token_embedding.weight"][~used] = 0
     info = {"trained": {"steps": steps, "batch": batch, "pool": pool_size, "lr": lr, "seed": seed, "init": init,
-                        "decoys": decoys, "device": str(device), "seconds": round(time.time() - t0)}}
+                        "decoys": decoys, "rough": rough, "device": str(device), "seconds": round(time.time() - t0)}}
     if decoys > 0:
         info["trained"].update(decoy_pool=len(decoy_pool["rgb"]), none_cosine=round(tau.item(), 4))
     if init:                                            # keep the record of the model fine-tuned here
@@ -620,14 +660,16 @@ def train_clip(out: str, steps: int, batch: int, pool_size: int, lr: float, seed
     return info
 
 
-def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, held_out: bool = True) -> float:
-    """Zero-shot top-1 over the 30 captions on n renders (held out: new yaw, light, backgrounds),
-    through the same prior interface the method scripts use."""
+def eval_clip(model: str, n: int, seed: int, device, pretrained: str = None, held_out: bool = True,
+              rough: float = 0.0) -> float:
+    """Zero-shot top-1 over the 30 captions on n renders (held out: new yaw, light, backgrounds;
+    rough: the fraction with surface bumps), through the same prior interface the method scripts use."""
     from common import CLIPPrior
     prior = CLIPPrior(model, pretrained, device=device, flag="--model/--pretrained")
     correct = 0
     for i in range(0, n, 500):
-        images, idx = random_renders(min(500, n - i), 64, seed=seed + i, device=device, held_out=held_out)
+        images, idx = random_renders(min(500, n - i), 64, seed=seed + i, device=device, held_out=held_out,
+                                     rough=rough)
         correct += prior.r_precision(images, CAPTIONS, idx) * len(idx)
     return correct / n
 
@@ -1045,10 +1087,13 @@ def main():
     t.add_argument("--decoys", type=float, default=0.15,
                    help="fraction of each batch that are decoys (filled tori, rounded cubes) trained towards "
                         "no caption; 0: none (the original training)")
+    t.add_argument("--rough", type=float, default=0.0,
+                   help="fraction of training objects with random surface bumps (the evaluation CLIP: 0.5)")
     e = sub.add_parser("eval-clip", help="zero-shot top-1 of a CLIP on held-out toy renders")
     e.add_argument("--model", default="toy", help="toy | an open_clip folder | architecture (with --pretrained)")
     e.add_argument("--pretrained", default=None)
     e.add_argument("--n", type=int, default=3000, help="held-out renders for the top-1 (0: skip it)")
+    e.add_argument("--rough", type=float, default=0.0, help="fraction of the renders with surface bumps")
     e.add_argument("--decoys", type=int, default=0, metavar="N",
                    help="also N renders per decoy and of its true shape from Dream Fields' 30-degree view: "
                         "mean cosine to the caption of the true shape (e.g. 60)")
@@ -1075,19 +1120,23 @@ def main():
     a = p.parse_args()
     device = common.pick_device(a.device)
     if a.cmd == "train-clip":
-        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device, a.decoys, a.init)
+        info = train_clip(a.out, a.steps, a.batch, a.pool, a.lr, a.seed, device, a.decoys, a.init, a.rough)
         acc = eval_clip(a.out, a.eval_n, 10_000 + a.seed, device)
         info["zero_shot_top1_held_out"] = {"top1": round(acc, 4), "renders": a.eval_n}
+        acc = eval_clip(a.out, a.eval_n, 10_000 + a.seed, device, rough=1.0)
+        info["zero_shot_top1_held_out_all_bumped"] = {"top1": round(acc, 4), "renders": a.eval_n}
         sims = decoy_similarity(a.out, 300, 20_000 + a.seed, device)
         info["decoy_similarity_30deg"] = {k: {m: (round(v, 4) if isinstance(v, float) else v) for m, v in r.items()}
                                           for k, r in sims.items()}
         write_clip_folder(a.out, info=info)
-        print(f"zero-shot top-1 on {a.eval_n} held-out renders: {acc:.4f}")
+        print(f"zero-shot top-1 on {a.eval_n} held-out renders: {info['zero_shot_top1_held_out']['top1']:.4f} "
+              f"(all with surface bumps: {acc:.4f})")
         print_decoy_similarity(sims, 300)
     elif a.cmd == "eval-clip":
         if a.n:
-            acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained)
-            print(f"zero-shot top-1 on {a.n} held-out renders: {acc:.4f}")
+            acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained, rough=a.rough)
+            print(f"zero-shot top-1 on {a.n} held-out renders{' (a fraction %g bumped)' % a.rough if a.rough else ''}: "
+                  f"{acc:.4f}")
         if a.decoys:
             print_decoy_similarity(decoy_similarity(a.model, a.decoys, 20_000 + a.seed, device, a.pretrained),
                                    a.decoys)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import toyworld as tw
@@ -105,6 +106,26 @@ def test_sphere_silhouette_matches_projection():
     expect = torch.tensor(tw.COLOURS["blue"]) * (0.3 + 0.7 * math.sin(math.radians(20)))
     centre = rgb[0, :, size // 2 - 1:size // 2 + 1, size // 2 - 1:size // 2 + 1].mean((1, 2))
     assert torch.allclose(centre, expect, atol=0.02)
+
+
+def test_bumped_sphere_trace_finds_the_first_crossing_of_a_dense_march():
+    """Surface bumps (the evaluation CLIP's training objects): the Lipschitz-scaled sphere trace must
+    stop at the first zero of the bumped distance, which a dense fixed-step march finds independently."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    bumps = torch.cat([torch.full((n, 1), 0.03), torch.full((n, 1), 30.0), 6.3 * torch.rand(n, 3, generator=g)], 1)
+    o = torch.tensor([[0.0, -3.0, 0.0]]).expand(n, 3)
+    d = F.normalize(torch.stack([0.16 * torch.rand(n, generator=g) - 0.08, torch.ones(n),
+                                 0.16 * torch.rand(n, generator=g) - 0.08], -1), dim=-1)   # towards the middle
+    shape, yaw, scale = torch.full((n,), 1), torch.rand(n, generator=g), torch.full((n,), 1.1)
+    x, hit = tw.sphere_trace(o, d, shape, yaw, scale, bumps=bumps)
+    assert hit.all()
+    t = torch.linspace(2.0, 3.5, 6001)                                   # steps of 2.5e-4
+    pts = o[:, None] + t[None, :, None] * d[:, None]                     # (n, T, 3)
+    sdf = tw.scene_sdf(pts.reshape(-1, 3), shape.repeat_interleave(len(t)), yaw.repeat_interleave(len(t)),
+                       scale.repeat_interleave(len(t)), bumps.repeat_interleave(len(t), 0)).view(n, -1)
+    first = (sdf < 0).float().argmax(1)                                  # first sample inside
+    assert torch.allclose((x - o).norm(dim=-1), t[first], atol=2e-3)
 
 
 def test_random_renders_reproducible_and_held_out_differs():
