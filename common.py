@@ -1808,11 +1808,17 @@ def render_object_view(field: ObjectField, bg_net: Background, c2w: torch.Tensor
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     R = rays_d.shape[0]
     background = bg_net(rays_d) if bg is None else bg.expand(R, 3)
-    parts = [render_object(field, rays_o[i:i + chunk], rays_d[i:i + chunk], light, mode, background[i:i + chunk],
-                           n_samples, perturb, ambient, normal_min_weight, need_orient, occupancy)
-             for i in range(0, R, chunk)]
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("weights", "orient")}
-    out["orient"] = sum(p["orient"] * len(p["opacity"]) for p in parts) / R
+    def render(o, d, b):
+        return render_object(field, o, d, light, mode, b, n_samples, perturb, ambient, normal_min_weight,
+                             need_orient, occupancy)
+
+    if R <= chunk:                 # one pass: every training render
+        out = render(rays_o, rays_d, background)
+    else:
+        parts = [render(rays_o[i:i + chunk], rays_d[i:i + chunk], background[i:i + chunk]) for i in range(0, R, chunk)]
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "orient"}
+        out["orient"] = sum(p["orient"] * len(p["opacity"]) for p in parts) / R
+    out.pop("weights")
     return {k: (v.view(size, size, -1).squeeze(-1) if v.dim() else v) for k, v in out.items()}
 
 
