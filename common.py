@@ -1808,11 +1808,12 @@ def render_object_view(field: ObjectField, bg_net: Background, c2w: torch.Tensor
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     R = rays_d.shape[0]
     background = bg_net(rays_d) if bg is None else bg.expand(R, 3)
+
     def render(o, d, b):
         return render_object(field, o, d, light, mode, b, n_samples, perturb, ambient, normal_min_weight,
                              need_orient, occupancy)
 
-    if R <= chunk:                 # one pass: every training render
+    if R <= chunk:   # one call (every training render): slicing the background would change its rounding
         out = render(rays_o, rays_d, background)
     else:
         parts = [render(rays_o[i:i + chunk], rays_d[i:i + chunk], background[i:i + chunk]) for i in range(0, R, chunk)]

@@ -1135,8 +1135,7 @@ def main():
     elif a.cmd == "eval-clip":
         if a.n:
             acc = eval_clip(a.model, a.n, 10_000 + a.seed, device, a.pretrained, rough=a.rough)
-            print(f"zero-shot top-1 on {a.n} held-out renders{' (a fraction %g bumped)' % a.rough if a.rough else ''}: "
-                  f"{acc:.4f}")
+            print(f"zero-shot top-1 on {a.n} held-out renders (a fraction {a.rough:g} bumped): {acc:.4f}")
         if a.decoys:
             print_decoy_similarity(decoy_similarity(a.model, a.decoys, 20_000 + a.seed, device, a.pretrained),
                                    a.decoys)
