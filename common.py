@@ -1187,8 +1187,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
 #   similarity(img_emb, txt_emb)     cosine similarities (B, T)
 #   r_precision(images, captions, true_idx)   top-1 retrieval accuracy among the captions
 
-TOY_CLIP = {"toy": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_clip"),
-            "toy-eval": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_clip_eval")}
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")   # the bundled toy priors
+TOY_CLIP = {"toy": os.path.join(DATA_DIR, "toy_clip"), "toy-eval": os.path.join(DATA_DIR, "toy_clip_eval")}
 TOY_CLIP_VOCAB_FILE = "toyworld.json"      # present only in a bundled toy folder: {"vocab": [...], ...}
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
@@ -1385,7 +1385,7 @@ def caption_metrics(clip: "CLIPPrior", images: torch.Tensor, prompt: str, captio
 #   sds_loss(images, prompt, elevation, azimuth)  DreamFusion's score distillation (Eq. 3)
 #   sample(prompt)                                 text -> images (Point-E's first stage)
 
-TOY_PRIORS = {"toy": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy_sd")}
+TOY_PRIORS = {"toy": os.path.join(DATA_DIR, "toy_sd")}
 TOY_VOCAB_FILE = "toy_vocab.json"        # present only in a bundled toy folder: its prompt vocabulary
 
 

@@ -160,13 +160,17 @@ def bump_lipschitz(bumps: torch.Tensor) -> torch.Tensor:
     return 1 + bumps[:, 0] * bumps[:, 1] * math.sqrt(3)
 
 
+def object_sdf(q: torch.Tensor, shape_idx: torch.Tensor, bumps=None) -> torch.Tensor:
+    """Canonical-frame distance at q (N, 3): the shape's SDF, plus the surface bumps (N, 5) if given."""
+    d = sdf_by_shape(q, shape_idx)
+    return d if bumps is None else d + bump(q, bumps)
+
+
 def scene_sdf(p: torch.Tensor, shape_idx: torch.Tensor, yaw: torch.Tensor, scale: torch.Tensor, bumps=None):
     """World-space distance to posed objects, one per point: p (N, 3); shape_idx, yaw, scale (N,);
     bumps None or (N, 5) (see bump). An exact SDF stays exact under a rotation and a uniform scale:
     sdf_world(p) = scale * sdf(R_z(-yaw) p / scale)."""
-    q = to_object(p, yaw, scale)
-    d = sdf_by_shape(q, shape_idx)
-    return (d if bumps is None else d + bump(q, bumps)) * scale
+    return object_sdf(to_object(p, yaw, scale), shape_idx, bumps) * scale
 
 
 def _areas(shape: str) -> dict:
@@ -307,9 +311,9 @@ def sphere_trace(rays_o, rays_d, shape_idx, yaw, scale, steps: int = 64, eps: fl
         steps, lip = 4 * steps, bump_lipschitz(bumps)
     for _ in range(steps):
         q = o_obj[active] + t[active, None] * d_obj[active]
-        dist = sdf_by_shape(q, shape_idx[active]) * scale[active]
+        dist = object_sdf(q, shape_idx[active], None if bumps is None else bumps[active]) * scale[active]
         if bumps is not None:
-            dist = (dist + bump(q, bumps[active]) * scale[active]) / lip[active]
+            dist = dist / lip[active]
         t[active] = torch.minimum(t[active] + dist, t_far[active])
         active = active[(dist > 0.1 * eps) & (t[active] < t_far[active])]
         if len(active) == 0:
