@@ -657,19 +657,25 @@ class OccupancyGrid(nn.Module):
         return inside & self.mask[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
 
 
+def packed_transmittance(tau: torch.Tensor, ray: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """T_i = exp(-sum_{j<i, same ray} tau_j) for samples packed ray after ray (NeRF Eq. 3's T_i).
+    tau (N,) optical thickness sigma * delta; ray (N,) non-decreasing ray index. Returns (N,)."""
+    tau64 = tau.double()                                     # fp64: the running sum spans all rays
+    before = tau64.cumsum(0) - tau64                         # sum of tau over all earlier samples
+    ones = torch.ones_like(ray)                              # samples per ray: bincount without its host sync
+    counts = torch.zeros(n_rays, dtype=torch.long, device=ray.device).index_add_(0, ray, ones)
+    first = (counts.cumsum(0) - counts).clamp(max=max(len(tau) - 1, 0))   # each ray's first sample
+    start = before[first] if len(tau) else before.new_zeros(n_rays)
+    return torch.exp(-(before - start[ray])).to(tau.dtype)
+
+
 def composite_packed(sigma: torch.Tensor, rgb: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor,
                      ray: torch.Tensor, n_rays: int, background=None) -> dict:
     """composite() for samples packed ray after ray (what empty-space skipping leaves): no
     (R, S) tensors, so skipped samples cost nothing. sigma, deltas, t (N,); rgb (N, 3);
     ray (N,) the ray of each sample, non-decreasing, samples in marching order within a ray.
     Returns rgb (R, 3), depth (R,), opacity (R,) and weights (N,)."""
-    tau = (sigma * deltas).double()                          # fp64: the running sum spans all rays
-    before = tau.cumsum(0) - tau                             # sum of tau over all earlier samples
-    ones = torch.ones_like(ray)                              # samples per ray: bincount without its host sync
-    counts = torch.zeros(n_rays, dtype=torch.long, device=ray.device).index_add_(0, ray, ones)
-    first = (counts.cumsum(0) - counts).clamp(max=max(len(tau) - 1, 0))   # each ray's first sample
-    start = before[first] if len(tau) else before.new_zeros(n_rays)
-    trans = torch.exp(-(before - start[ray])).to(sigma.dtype)  # T_i = exp(-sum_{j<i, same ray} tau_j)
+    trans = packed_transmittance(sigma * deltas, ray, n_rays)
     weights = trans * (1.0 - torch.exp(-sigma * deltas))      # w_i = T_i alpha_i
     zeros = torch.zeros(n_rays, device=sigma.device, dtype=weights.dtype)
     opacity = zeros.index_add(0, ray, weights)

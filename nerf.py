@@ -82,6 +82,7 @@ DEFAULTS = dict(
     grid_res=64,              # occupancy grid resolution
     grid_every=16,            # refresh the occupancy grid every this many steps
     n_steps=256,              # ray-marching steps across the bounding cube's diagonal
+    early_stop=False,         # training: skip samples behind transmittance 1e-4 (a density pass without grad first)
     # --- evaluation and export ---
     test_views=0,             # evaluate on the first N test (and val) views (0: all)
     eval_at="",               # comma-separated training seconds at which to evaluate (benchmarks)
@@ -172,16 +173,31 @@ class Model(nn.Module):
     def density(self, x):
         return self.fine.density(x)[0] if self.cfg.field == "hashgrid" else self.fine(x, torch.zeros_like(x))[0]
 
-    def march(self, rays_o, rays_d, t_near, t_far, u, first: int, n: int, bg):
+    def march(self, rays_o, rays_d, t_near, t_far, u, first: int, n: int, bg, early_stop: bool = False):
         """Steps first .. first + n - 1 of the fixed-step march through the occupied cells: field
-        and compositing of the packed samples (render() below; the part that --compile compiles)."""
+        and compositing of the packed samples (render() below; the part that --compile compiles).
+        early_stop: evaluate only the samples in front of transmittance 1e-4 (in_front)."""
         steps = torch.arange(first, first + n, device=rays_o.device)
         dist = t_near[:, None] + (steps + u) * self.dt                          # (R, n), along unit dirs
         t = dist / rays_d.norm(dim=-1, keepdim=True)                            # in units of |d|
         pts = rays_o[:, None] + t[..., None] * rays_d[:, None]                  # (R, n, 3)
         mask = (dist < t_far[:, None]) & self.grid.query(pts)
+        if early_stop:
+            mask = self.in_front(pts, mask)
         return common.render_rays(self.fine, rays_o, rays_d, t, torch.full_like(t, self.dt), mask=mask,
                                   background=bg)
+
+    @torch.no_grad()
+    def in_front(self, pts, mask):
+        """Instant-NGP's training compaction (its CUDA code; the paper does not ablate it): the
+        density alone, without gradients, at the masked samples pts (R, S, 3); keep those whose
+        transmittance T_i is still above 1e-4. A sample behind that changes the colour by less than
+        1e-4, so it needs no forward/backward pass, and the same --target-samples buys more rays."""
+        ray, step = mask.nonzero(as_tuple=True)
+        sigma = self.fine.density(pts[ray, step])[0]
+        keep = torch.zeros_like(mask)
+        keep[ray, step] = common.packed_transmittance(sigma * self.dt, ray, len(mask)) > 1e-4
+        return keep
 
 
 # ================================================================================================
@@ -209,7 +225,7 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
     t_near = t_near.clamp(min=near)
     u = torch.rand(R, 1, device=rays_o.device) if train else torch.full((R, 1), 0.5, device=rays_o.device)
     if train:
-        out = model.march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg)
+        out = model.march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg, cfg.early_stop)
         out["n_samples"] = len(out["weights"])                             # the packed samples
         return out
     # inference: march `seg` steps at a time; a ray stops once its transmittance is below 1e-4
@@ -373,6 +389,7 @@ def train(cfg):
             break
     bar.close()
     checkpoint(step)
+    model.rays_per_step = n_rays                  # the adapted batch at the end (reported in metrics.json)
     ctrl_c.close(run, step)
     return model, run, {"train": train_set, "val": val_set, "test": test_set}, step, elapsed, curve, device
 
@@ -387,7 +404,8 @@ def export(cfg, model, run, data, step, elapsed, curve, device):
     val = evaluate(model, data["val"], device, cfg.test_views)
     metrics = {"test": test, "val": val, "iterations": step, "train_seconds": round(elapsed, 2),
                "iters_per_second": round(step / max(elapsed, 1e-9), 2),
-               "compile_seconds": round(model.compile_seconds, 1), "curve": curve, "device": str(device)}
+               "compile_seconds": round(model.compile_seconds, 1), "rays_per_step": model.rays_per_step,
+               "curve": curve, "device": str(device)}
     if device.type == "cuda":
         metrics["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     run.write_json("metrics.json", metrics)          # written again below with the mesh's size
