@@ -191,8 +191,8 @@ class Model(nn.Module):
     def in_front(self, pts, mask):
         """Instant-NGP's training compaction (its CUDA code; the paper does not ablate it): the
         density alone, without gradients, at the masked samples pts (R, S, 3); keep those whose
-        transmittance T_i is still above 1e-4. A sample behind that changes the colour by less than
-        1e-4, so it needs no forward/backward pass, and the same --target-samples buys more rays."""
+        transmittance T_i is still above 1e-4. A sample behind that point changes the colour by
+        less than 1e-4, so it needs no forward/backward pass, and --target-samples buys more rays."""
         ray, step = mask.nonzero(as_tuple=True)
         sigma = self.fine.density(pts[ray, step])[0]
         keep = torch.zeros_like(mask)
