@@ -87,22 +87,28 @@ def test_non_finite_loss_stops_with_a_message(tmp_path):
     assert not (tmp_path / "nerf" / "default" / "metrics.json").exists()
 
 
-def test_inference_early_termination_matches_one_full_march():
-    """render(train=False) marches 64 steps at a time and drops rays whose transmittance fell below
-    1e-4; the colours must match one march over all steps (render's training path, u = 0.5)."""
+def cloudy_model_and_rays():
+    """A hash-grid model with a random, dense table (some rays opaque, some not), its occupancy grid
+    refreshed, and 64 rays from y = -4 looking at it: the model, rays_o, rays_d (64, 3), t_near, t_far."""
     torch.manual_seed(0)
     cfg = nerf.parse_args(["--device", "cpu", "--n-steps", "200", "--grid-res", "16"])
     model = nerf.Model(cfg)
     with torch.no_grad():
-        model.fine.grid.table.normal_(0, 8.0)                       # cloudy: some rays opaque, some not
+        model.fine.grid.table.normal_(0, 8.0)
     model.grid.update(model.density)
     rays_o = torch.tensor([[0.0, -4.0, 0.3]]).repeat(64, 1)
     rays_d = torch.nn.functional.normalize(torch.randn(64, 3) * 0.2 + torch.tensor([0.0, 1.0, 0.0]), dim=-1)
+    t_near, t_far = common.ray_aabb(rays_o, rays_d, model.grid.aabb)
+    return model, rays_o, rays_d, t_near.clamp(min=2.0), t_far
+
+
+def test_inference_early_termination_matches_one_full_march():
+    """render(train=False) marches 64 steps at a time and drops rays whose transmittance fell below
+    1e-4; the colours must match one march over all steps (render's training path, u = 0.5)."""
+    model, rays_o, rays_d, t_near, t_far = cloudy_model_and_rays()
     with torch.no_grad():
         out = nerf.render(model, rays_o, rays_d, 2.0, 6.0, train=False)
-        t_near, t_far = common.ray_aabb(rays_o, rays_d, model.grid.aabb)
-        full = model.march(rays_o, rays_d, t_near.clamp(min=2.0), t_far, torch.full((64, 1), 0.5), 0, 200,
-                           torch.ones(3))
+        full = model.march(rays_o, rays_d, t_near, t_far, torch.full((64, 1), 0.5), 0, 200, torch.ones(3))
     opaque = out["opacity"] > 1 - 1e-4                               # these rays stopped early
     assert opaque.sum() > 5 and (out["opacity"] < 0.9).sum() >= 3
     assert torch.allclose(out["rgb"], full["rgb"], atol=2e-4)
@@ -112,16 +118,8 @@ def test_inference_early_termination_matches_one_full_march():
 def test_training_early_stop_renders_like_the_full_march_with_fewer_samples():
     """--early-stop evaluates only the samples in front of transmittance 1e-4 (in_front); the
     colours must match the full march and fewer samples go through the field."""
-    torch.manual_seed(0)
-    cfg = nerf.parse_args(["--device", "cpu", "--n-steps", "200", "--grid-res", "16"])
-    model = nerf.Model(cfg)
-    with torch.no_grad():
-        model.fine.grid.table.normal_(0, 8.0)                       # cloudy: some rays opaque, some not
-    model.grid.update(model.density)
-    rays_o = torch.tensor([[0.0, -4.0, 0.3]]).repeat(64, 1)
-    rays_d = torch.nn.functional.normalize(torch.randn(64, 3) * 0.2 + torch.tensor([0.0, 1.0, 0.0]), dim=-1)
-    t_near, t_far = common.ray_aabb(rays_o, rays_d, model.grid.aabb)
-    args = (rays_o, rays_d, t_near.clamp(min=2.0), t_far, torch.rand(64, 1), 0, 200, torch.ones(3))
+    model, rays_o, rays_d, t_near, t_far = cloudy_model_and_rays()
+    args = (rays_o, rays_d, t_near, t_far, torch.rand(64, 1), 0, 200, torch.ones(3))
     with torch.no_grad():
         full, short = model.march(*args), model.march(*args, early_stop=True)
     assert len(short["weights"]) < 0.95 * len(full["weights"])
