@@ -156,6 +156,9 @@ class NGPField(nn.Module):
         return sigma, rgb.float()
 
 
+T_MIN = 1e-4   # NGP: a ray whose transmittance falls below this stops (inference; training with --early-stop)
+
+
 class Model(nn.Module):
     """The networks of one run: coarse + fine MLPs (NeRF) or one hash-grid field + occupancy grid."""
 
@@ -192,12 +195,12 @@ class Model(nn.Module):
     def in_front(self, pts, mask):
         """Instant-NGP's training compaction (its CUDA code; the paper does not ablate it): the
         density alone, without gradients, at the masked samples pts (R, S, 3); keep those whose
-        transmittance T_i is still above 1e-4. A sample behind that point changes the colour by
-        less than 1e-4, so it needs no forward/backward pass, and --target-samples buys more rays."""
+        transmittance T_i is still above T_MIN. A sample behind that point changes the colour by
+        less than T_MIN, so it needs no forward/backward pass, and --target-samples buys more rays."""
         ray, step = mask.nonzero(as_tuple=True)
         sigma = self.fine.density(pts[ray, step])[0]
         keep = torch.zeros_like(mask)
-        keep[ray, step] = common.packed_transmittance(sigma * self.dt, ray, len(mask)) > 1e-4
+        keep[ray, step] = common.packed_transmittance(sigma * self.dt, ray, len(mask)) > T_MIN
         return keep
 
 
@@ -229,12 +232,12 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
         out = model.march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg, cfg.early_stop)
         out["n_samples"] = len(out["weights"])                             # the packed samples
         return out
-    # inference: march `seg` steps at a time; a ray stops once its transmittance is below 1e-4
+    # inference: march `seg` steps at a time; a ray stops once its transmittance is below T_MIN
     # (NGP Sec. 4, early ray termination). C = sum_k T_k C_k, T_{k+1} = T_k (1 - opacity_k).
     rgb, depth = torch.zeros(R, 3, device=rays_o.device), torch.zeros(R, device=rays_o.device)
     trans, alive, seg = torch.ones(R, device=rays_o.device), torch.arange(R, device=rays_o.device), 64
     for s0 in range(0, cfg.n_steps, seg):
-        alive = alive[(trans[alive] > 1e-4) & (t_near[alive] + s0 * model.dt < t_far[alive])]
+        alive = alive[(trans[alive] > T_MIN) & (t_near[alive] + s0 * model.dt < t_far[alive])]
         if len(alive) == 0:
             break
         out = model.march(rays_o[alive], rays_d[alive], t_near[alive], t_far[alive], u[alive], s0,
