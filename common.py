@@ -380,12 +380,13 @@ def get_ray_batch(c2w: torch.Tensor, H: int, W: int, focal, n: int, img_idx=None
     caller can gather target colours with images[img, row, col]."""
     N = c2w.shape[0]
     dev = c2w.device
+    at = dev if generator is None else generator.device          # draw where the numbers are used: no copy
     if img_idx is None:
-        img_idx = torch.randint(0, N, (n,), generator=generator).to(dev)
+        img_idx = torch.randint(0, N, (n,), generator=generator, device=at).to(dev)
     if pix is None:
-        pix = torch.randint(0, H * W, (n,), generator=generator).to(dev)
+        pix = torch.randint(0, H * W, (n,), generator=generator, device=at).to(dev)
     row, col = pix // W, pix % W
-    u = torch.rand(2, n, generator=generator).to(dev) if jitter else (0.5, 0.5)     # offsets within the pixel
+    u = torch.rand(2, n, generator=generator, device=at).to(dev) if jitter else (0.5, 0.5)   # offsets within the pixel
     d_cam = torch.stack([(col + u[0] - W / 2) / focal, -(row + u[1] - H / 2) / focal,
                          -torch.ones_like(col, dtype=torch.float32)], dim=-1).float()   # (n, 3)
     R = c2w[img_idx, :3, :3]
@@ -645,9 +646,9 @@ class OccupancyGrid(nn.Module):
         sigma = torch.cat([density_fn(x[i:i + chunk]).float().reshape(-1) for i in range(0, len(x), chunk)])
         if not torch.isfinite(sigma).all():   # NaN would silently read as empty space
             raise UserError("the field's density became non-finite (NaN/inf); lower the learning rate (--lr)")
-        self.density = torch.maximum(self.density * self.decay, sigma.reshape(self.density.shape))
+        self.density.copy_(torch.maximum(self.density * self.decay, sigma.reshape(self.density.shape)))
         occupied = self.density > min(self.threshold, self.density.mean().item())
-        self.mask = F.max_pool3d(occupied[None, None].float(), 3, 1, 1)[0, 0] > 0
+        self.mask.copy_(F.max_pool3d(occupied[None, None].float(), 3, 1, 1)[0, 0] > 0)   # in place: CUDA graphs read it
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Points (..., 3) -> bool (...): inside the aabb and in an occupied cell."""
@@ -690,19 +691,53 @@ def render_rays(field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tens
                 deltas: torch.Tensor, mask: torch.Tensor = None, background=None) -> dict:
     """Evaluate `field(x (N, 3), d (N, 3)) -> (sigma (N,), rgb (N, 3))` at the samples
     o + t d (R, S) and composite them. With a boolean `mask` (R, S) only the masked samples are
-    evaluated and composited, packed (empty space skipping: composite_packed, weights (N,));
-    without, composite()'s dict."""
+    evaluated and composited, packed (empty space skipping: render_packed); without, composite()'s dict."""
     R, S = t.shape
     if mask is None:
         pts = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]          # (R, S, 3)
         dirs = F.normalize(rays_d, dim=-1)[:, None, :].expand(R, S, 3)
         sigma, rgb = field(pts.reshape(-1, 3), dirs.reshape(-1, 3))
         return composite(sigma.reshape(R, S), rgb.reshape(R, S, 3), deltas, t, background)
-    ray, step = mask.nonzero(as_tuple=True)                                     # (N,) each, ray-major
-    ts = t[ray, step]
-    pts = rays_o[ray] + ts[:, None] * rays_d[ray]                               # (N, 3)
-    sigma, rgb = field(pts, F.normalize(rays_d, dim=-1)[ray])
-    return composite_packed(sigma, rgb, deltas[ray, step], ts, ray, R, background)
+    ray, step, _ = pack_mask(mask)
+    return render_packed(field, rays_o, rays_d, t, deltas, ray, step, background)
+
+
+def pack_mask(mask: torch.Tensor, capacity: int = None):
+    """The (ray, step) indices of the True entries of mask (R, S), ray after ray.
+
+    capacity None: exactly those (torch.nonzero: its length depends on the data, a host sync).
+    capacity an int: a buffer of exactly `capacity` entries and no host sync (static shapes, so a
+    step can be replayed as a CUDA graph): entry k holds the (k+1)-th True entry, found by binary
+    search in the running count. True entries past the capacity are dropped, the last rays' first;
+    unused entries are dummies with rays R, R + 1, ... (one each, so that summing per ray never
+    piles them onto one address) and step 0.
+    Returns ray (N,), step (N,) and complete (R,) bool: the ray kept all its samples."""
+    R, S = mask.shape
+    if capacity is None:
+        ray, step = mask.nonzero(as_tuple=True)
+        return ray, step, torch.ones(R, dtype=torch.bool, device=mask.device)
+    count = mask.reshape(-1).cumsum(0)                                    # (R S,) True entries so far
+    k = torch.arange(capacity, device=mask.device)
+    idx = torch.searchsorted(count, k + 1)                                # R S: there is no (k+1)-th
+    ray = torch.where(idx < R * S, idx // S, R + k)
+    return ray, idx % S, count.reshape(R, S)[:, -1] <= capacity
+
+
+def render_packed(field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor, deltas: torch.Tensor,
+                  ray: torch.Tensor, step: torch.Tensor, background=None) -> dict:
+    """Evaluate and composite only the samples (ray, step) (N,) of t, deltas (R, S), as pack_mask
+    gives them; dummy samples (ray >= R) are evaluated (at ray R - 1's points) and thrown away.
+    Returns rgb (R, 3), depth (R,), opacity (R,) and weights (N,) (composite_packed)."""
+    R = rays_o.shape[0]
+    r = ray.clamp(max=R - 1)
+    ts = t[r, step]
+    pts = rays_o[r] + ts[:, None] * rays_d[r]                                   # (N, 3)
+    sigma, rgb = field(pts, F.normalize(rays_d, dim=-1)[r])
+    out = composite_packed(sigma, rgb, deltas[r, step], ts, ray, R + len(ray))  # + a bin per dummy
+    out.update(rgb=out["rgb"][:R], depth=out["depth"][:R], opacity=out["opacity"][:R])
+    if background is not None:
+        out["rgb"] = out["rgb"] + (1.0 - out["opacity"])[:, None] * background
+    return out
 
 
 # ================================================================================================

@@ -62,9 +62,11 @@ DEFAULTS = dict(
     iters=1500,               # training iterations
     time_budget=0.0,          # stop after this many seconds of training (0: no limit)
     batch_rays=1024,          # rays per iteration (hashgrid: starting value, adapted to --target-samples)
-    target_samples=2 ** 18,   # hashgrid: adapt the ray batch so this many samples are evaluated
+    target_samples=2 ** 18,   # hashgrid: samples evaluated with gradients a step (a fixed buffer; the ray batch adapts)
+    scan_ratio=4,             # hashgrid, early stop: the density-only pass's buffer, in units of --target-samples
     lr=1e-2,                  # Adam learning rate
     lr_decay_steps=3000,      # lr decays by 10x over this many steps (exponentially)
+    ema_decay=0.0,            # render with a moving average of the weights, this decay a step (NGP: 0.95; 0: off)
     bound=1.5,                # the scene lives in the cube |x| <= bound
     white_bkgd=True,          # composite images and renders over white
     random_bkgd=False,        # train over a random colour per ray (NGP: the field must learn transparency)
@@ -93,6 +95,7 @@ DEFAULTS = dict(
     ckpt_every=500,           # save a checkpoint every this many steps
     amp=True,                 # CUDA: bf16 autocast for the field's matrix products (rendering stays fp32)
     compile=False,            # CUDA: torch.compile the field and compositing (compile time is not training time)
+    cuda_graphs=False,        # CUDA + --compile: replay the training march as CUDA graphs (no launch overhead)
 )
 
 
@@ -173,35 +176,50 @@ class Model(nn.Module):
             self.dt = 2 * cfg.bound * math.sqrt(3) / cfg.n_steps                  # marching step
             # NGP skips cells whose optical thickness sigma * dt is below 0.01
             self.grid = common.OccupancyGrid(aabb, cfg.grid_res, threshold=0.01 / self.dt)
+            self.train_march = self.march                                       # compiled apart (train())
 
     def density(self, x):
         return self.fine.density(x)[0] if self.cfg.field == "hashgrid" else self.fine(x, torch.zeros_like(x))[0]
 
-    def march(self, rays_o, rays_d, t_near, t_far, u, first: int, n: int, bg, early_stop: bool = False):
+    def march(self, rays_o, rays_d, t_near, t_far, u, first: int, n: int, bg, early_stop=False,
+              capacity=None, scan=None):
         """Steps first .. first + n - 1 of the fixed-step march through the occupied cells: field
         and compositing of the packed samples (render() below; the part that --compile compiles).
-        early_stop: evaluate only the samples in front of transmittance 1e-4 (in_front)."""
+        early_stop: evaluate only the samples in front of transmittance 1e-4 (in_front). capacity,
+        scan: fixed sizes of the sample buffers (pack_mask) of the field and of in_front's pass."""
         steps = torch.arange(first, first + n, device=rays_o.device)
         dist = t_near[:, None] + (steps + u) * self.dt                          # (R, n), along unit dirs
         t = dist / rays_d.norm(dim=-1, keepdim=True)                            # in units of |d|
         pts = rays_o[:, None] + t[..., None] * rays_d[:, None]                  # (R, n, 3)
         mask = (dist < t_far[:, None]) & self.grid.query(pts)
+        occupied = mask.sum(1).float()                                          # (R,) samples per ray
+        complete = torch.ones_like(occupied, dtype=torch.bool)
         if early_stop:
-            mask = self.in_front(pts, mask)
-        return common.render_rays(self.fine, rays_o, rays_d, t, torch.full_like(t, self.dt), mask=mask,
-                                  background=bg)
+            mask, complete = self.in_front(pts, mask, scan)
+        ray, step, fits = common.pack_mask(mask, capacity)
+        out = common.render_packed(self.fine, rays_o, rays_d, t, torch.full_like(t, self.dt), ray, step, bg)
+        out["complete"] = complete & fits                                       # rays that kept all samples
+        # samples per ray, occupied and evaluated with gradients (the adaptive batch size uses them)
+        out["per_ray"] = torch.stack([occupied.mean(), mask.sum() / complete.sum().clamp(min=1)])
+        return out
 
     @torch.no_grad()
-    def in_front(self, pts, mask):
-        """Instant-NGP's training compaction (its CUDA code; the paper does not ablate it): the
-        density alone, without gradients, at the masked samples pts (R, S, 3); keep those whose
-        transmittance T_i is still above T_MIN. A sample behind that point changes the colour by
-        less than T_MIN, so it needs no forward/backward pass, and --target-samples buys more rays."""
-        ray, step = mask.nonzero(as_tuple=True)
-        sigma = self.fine.density(pts[ray, step])[0]
-        keep = torch.zeros_like(mask)
-        keep[ray, step] = common.packed_transmittance(sigma * self.dt, ray, len(mask)) > T_MIN
-        return keep
+    def in_front(self, pts, mask, capacity=None):
+        """Instant-NGP's training compaction: the density alone (no gradients) at the masked samples
+        pts (R, S, 3), packed (into `capacity` entries); keep those whose transmittance T_i is still
+        above 1e-4. The samples behind a surface change the colour by less than 1e-4, so they need no
+        forward/backward pass. Returns the kept mask (R, S) and which rays fit the buffer (R,)."""
+        R, S = mask.shape
+        ray, step, complete = common.pack_mask(mask, capacity)
+        real = ray < R                                                          # not a dummy entry
+        sigma = self.fine.density(pts[ray.clamp(max=R - 1), step])[0]
+        front = real & (common.packed_transmittance(sigma * self.dt, ray, R + len(ray)) > T_MIN)
+        # write the kept flags back to (R, S); dummies and dropped samples to spare cells, one each
+        spare = R * S + torch.arange(len(ray), device=mask.device)
+        keep = torch.zeros(R * S + len(ray), dtype=torch.bool, device=mask.device)
+        keep[torch.where(front, ray * S + step, spare)] = front
+        keep = keep[:R * S].reshape(R, S)
+        return keep & complete[:, None], complete
 
 
 # ================================================================================================
@@ -209,8 +227,9 @@ class Model(nn.Module):
 # ================================================================================================
 def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
     """Render rays (R, 3) over the background bg ((R, 3) or (3,); None: white if --white-bkgd, else
-    black). Returns the fine result dict (rgb, depth, opacity, ...), plus 'coarse' for the MLP field
-    and 'n_samples' (the number of field evaluations)."""
+    black). Returns the fine result dict (rgb, depth, opacity, ...), plus 'coarse' for the MLP field;
+    hash-grid training adds 'complete' (R,), the rays whose samples all fitted the buffers, and
+    'per_ray' (2,), the mean samples per ray: occupied, and evaluated with gradients."""
     cfg = model.cfg
     if bg is None and cfg.white_bkgd:
         bg = torch.ones(3, device=rays_o.device)
@@ -222,16 +241,15 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
         t_fine = common.sample_pdf(mids, coarse["weights"][:, 1:-1], cfg.n_fine, deterministic=not train).detach()
         t = torch.sort(torch.cat([t, t_fine], -1), -1).values                  # (R, 64 + 128)
         out = common.render_rays(model.fine, rays_o, rays_d, t, common.deltas_from_t(t, rays_d), background=bg)
-        out["coarse"], out["n_samples"] = coarse, R * (cfg.n_coarse + cfg.n_coarse + cfg.n_fine)
+        out["coarse"] = coarse
         return out
     # march through the bounding cube with a fixed step, skip empty cells of the occupancy grid
     t_near, t_far = common.ray_aabb(rays_o, rays_d / rays_d.norm(dim=-1, keepdim=True), model.grid.aabb)
     t_near = t_near.clamp(min=near)
     u = torch.rand(R, 1, device=rays_o.device) if train else torch.full((R, 1), 0.5, device=rays_o.device)
-    if train:
-        out = model.march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg, cfg.early_stop)
-        out["n_samples"] = len(out["weights"])                             # the packed samples
-        return out
+    if train:   # CUDA graphs: fixed-size sample buffers, so a step's shapes depend only on the ray count
+        cap, scan = (cfg.target_samples, cfg.scan_ratio * cfg.target_samples) if cfg.cuda_graphs else (None, None)
+        return model.train_march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg, cfg.early_stop, cap, scan)
     # inference: march `seg` steps at a time; a ray stops once its transmittance is below T_MIN
     # (NGP Sec. 4, early ray termination). C = sum_k T_k C_k, T_{k+1} = T_k (1 - opacity_k).
     rgb, depth = torch.zeros(R, 3, device=rays_o.device), torch.zeros(R, device=rays_o.device)
@@ -293,20 +311,27 @@ def train(cfg):
     model = Model(cfg).to(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     compiled = cfg.compile and device.type == "cuda"
+    graphs = compiled and cfg.cuda_graphs and cfg.field == "hashgrid"
+    grid_density = model.density                 # what the occupancy grid's refresh evaluates
     if compiled and cfg.field == "mlp":
         model.coarse.compile(dynamic=True)
         model.fine.compile(dynamic=True)
-    elif compiled:                       # the marcher: field + packed compositing (graph break at nonzero)
-        model.march = torch.compile(model.march, dynamic=True)
+    elif compiled:   # the marcher: field + packed compositing; training's has static buffers (CUDA graphs)
+        model.train_march = torch.compile(model.march, dynamic=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
+        model.march = torch.compile(model.march, dynamic=True)   # inference: graph break at nonzero
+        grid_density = torch.compile(model.density)
     eps = 1e-15 if cfg.field == "hashgrid" else 1e-8
     betas = (0.9, 0.99) if cfg.field == "hashgrid" else (0.9, 0.999)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, eps=eps, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** (s / cfg.lr_decay_steps))
+    # NGP's optimizer keeps an exponential moving average of the weights and renders with it
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay else []
     start, elapsed, curve, n_rays = 0, 0.0, [], cfg.batch_rays
     if cfg.resume:
         ck = run.load_checkpoint(map_location=device)
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
-        start, elapsed, curve, n_rays = ck["step"], ck["elapsed"], ck["curve"], ck["n_rays"]
+        start, elapsed, curve, n_rays, ema = ck["step"], ck["elapsed"], ck["curve"], ck["n_rays"], ck.get("ema", ema)
         common.set_rng_state(ck["rng"])
     elif run.exists("checkpoint.pt"):
         raise common.UserError(f"{run.path} already holds a run: pass --resume to continue it or --name for a new one")
@@ -320,9 +345,15 @@ def train(cfg):
     eval_at = sorted(float(s) for s in cfg.eval_at.split(",") if s) if cfg.eval_at else []
     eval_at = [s for s in eval_at if s > elapsed]
 
+    @torch.no_grad()
+    def swap_ema():   # exchange trained and averaged weights in place (CUDA graphs keep their addresses)
+        for p, e in zip(params, ema):
+            trained = p.clone()
+            p.copy_(e), e.copy_(trained)
+
     def checkpoint(step):
         run.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                             "step": step, "elapsed": elapsed, "curve": curve, "n_rays": n_rays,
+                             "step": step, "elapsed": elapsed, "curve": curve, "n_rays": n_rays, "ema": ema,
                              "rng": common.rng_state()})
 
     amp = cfg.amp and device.type == "cuda"
@@ -334,6 +365,8 @@ def train(cfg):
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             render(model, rays_o, rays_d, near, far, train=True, bg=bg)["rgb"].sum().backward()
         opt.zero_grad(set_to_none=True)
+        if cfg.field == "hashgrid":
+            model.grid.update(grid_density)       # compiles the refresh too (one extra refresh of the new field)
         common.set_rng_state(rng)
         torch.cuda.synchronize()
         model.compile_seconds = time.perf_counter() - t0
@@ -344,6 +377,8 @@ def train(cfg):
     step = start
     for step in range(start, cfg.iters):
         t0 = time.perf_counter()
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()       # last step's graph outputs may be overwritten
         # --- 1. a batch of random rays (the centre crop first, for the MLP on lego) ---
         pix = None
         if step < cfg.precrop_iters:
@@ -358,20 +393,29 @@ def train(cfg):
         # --- 2. render, 3. loss: MSE on the fine (and coarse) colour, Sec. 5.3 ---
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             out = render(model, rays_o, rays_d, near, far, train=True, bg=bg)
-        loss = F.mse_loss(out["rgb"], target)
-        if "coarse" in out:
-            loss = loss + F.mse_loss(out["coarse"]["rgb"], target)
-        common.check_finite(loss, step)
-        # --- 4. step ---
+        ok = out["complete"][:, None].float() if "complete" in out else torch.ones_like(target[:, :1])
+        mse = ((out["rgb"] - target) ** 2 * ok).sum() / (3 * ok.sum()).clamp(min=1)   # overflowed rays sit out
+        loss = mse + (F.mse_loss(out["coarse"]["rgb"], target) if "coarse" in out else 0.0)
+        # --- 4. step (the finite check after it: no host sync mid-step; a bad step is never saved) ---
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        # --- 5. occupancy grid refresh, adaptive batch (NGP) ---
+        common.check_finite(loss, step)
+        if ema:
+            torch._foreach_lerp_(ema, params, 1 - cfg.ema_decay)   # ema <- decay * ema + (1 - decay) * w
+        # --- 5. occupancy grid refresh; adaptive batch (NGP): as many rays as fill --target-samples.
+        #        With CUDA graphs every 16 steps, on a ladder of 2^(1/4) steps: each new shape records a graph ---
         if cfg.field == "hashgrid":
             if step % cfg.grid_every == 0:
-                model.grid.update(model.density)
-            n_rays = int(min(max(n_rays * cfg.target_samples / max(out["n_samples"], 1), 256), 2 ** 16))
+                model.grid.update(grid_density)
+            if not graphs or step % cfg.grid_every == 0:
+                occupied, evaluated = out["per_ray"].tolist()
+                fit = cfg.target_samples / max(evaluated, 1e-3)
+                if graphs and cfg.early_stop:
+                    fit = min(fit, cfg.scan_ratio * cfg.target_samples / max(occupied, 1e-3))
+                fit = min(max(fit, 256), 2 ** 16)
+                n_rays = round(2 ** (round(4 * math.log2(fit)) / 4)) if graphs else int(fit)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
@@ -379,10 +423,13 @@ def train(cfg):
         # --- 6. log, checkpoint, timed evaluations ---
         bar.update(1)
         if step % 10 == 0:
-            mse = F.mse_loss(out["rgb"], target).item()
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(mse):.2f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(mse.item()):.2f}")
         if eval_at and elapsed >= eval_at[0]:
-            res = evaluate(model, test_set, device, cfg.test_views, with_ssim=False)   # SSIM: at the end
+            # SSIM only at the end; with --ema-decay the trained weights are scored too (what the average buys)
+            raw = {"psnr_no_ema": evaluate(model, test_set, device, cfg.test_views, with_ssim=False)["psnr"]} if ema else {}
+            swap_ema()
+            res = {**evaluate(model, test_set, device, cfg.test_views, with_ssim=False), **raw}
+            swap_ema()
             curve.append({"seconds": round(elapsed, 2), "step": step, **res})
             bar.write(f"[{elapsed:6.1f}s, step {step}] test PSNR {res['psnr']:.2f} "
                       f"({res['eval_seconds']} s to evaluate)")
@@ -395,6 +442,7 @@ def train(cfg):
     checkpoint(step)
     model.rays_per_step = n_rays                  # the adapted batch at the end (reported in metrics.json)
     ctrl_c.close(run, step)
+    swap_ema()                                    # export renders with the averaged weights
     return model, run, {"train": train_set, "val": val_set, "test": test_set}, step, elapsed, curve, device
 
 

@@ -115,13 +115,22 @@ def test_inference_early_termination_matches_one_full_march():
     assert torch.allclose(out["opacity"], full["opacity"], atol=2e-4)
 
 
-def test_training_early_stop_renders_like_the_full_march_with_fewer_samples():
-    """--early-stop evaluates only the samples in front of transmittance 1e-4 (in_front); the
-    colours must match the full march and fewer samples go through the field."""
+def test_training_early_stop_and_fixed_buffers_render_like_the_full_march():
+    """Training evaluates only the samples in front of transmittance 1e-4 (in_front), optionally
+    packed into fixed-size buffers (CUDA graphs); both must render like the full march, and with too
+    small a buffer the rays that lost samples are flagged incomplete."""
     model, rays_o, rays_d, t_near, t_far = cloudy_model_and_rays()
     args = (rays_o, rays_d, t_near, t_far, torch.rand(64, 1), 0, 200, torch.ones(3))
     with torch.no_grad():
-        full, short = model.march(*args), model.march(*args, early_stop=True)
-    assert len(short["weights"]) < 0.95 * len(full["weights"])
-    assert torch.allclose(short["rgb"], full["rgb"], atol=2e-4)
-    assert torch.allclose(short["opacity"], full["opacity"], atol=2e-4)
+        full = model.march(*args)
+        occupied = int(full["per_ray"][0] * 64)
+        for cap in (None, (occupied, occupied + 100)):
+            out = model.march(*args, True, *(cap or (None, None)))
+            assert out["complete"].all()
+            assert out["per_ray"][1] < 0.95 * out["per_ray"][0]     # early stop skipped samples
+            assert torch.allclose(out["rgb"], full["rgb"], atol=2e-4)
+            assert torch.allclose(out["opacity"], full["opacity"], atol=2e-4)
+        small = model.march(*args, True, occupied // 4, occupied // 2)
+    assert 0 < small["complete"].sum() < 64 and small["complete"][0]
+    ok = small["complete"]
+    assert torch.allclose(small["rgb"][ok], full["rgb"][ok], atol=2e-4)

@@ -273,3 +273,21 @@ def test_packed_compositing_matches_dense_compositing_with_zeroed_samples():
     gp = torch.autograd.grad(packed["rgb"].sum() + packed["depth"].sum(), (sigma, rgb))
     for a, b in zip(gd, gp):
         assert torch.allclose(a * (mask if a.dim() == 2 else mask[..., None]), b, atol=1e-5)
+
+
+def test_pack_mask_with_a_capacity_matches_nonzero_and_drops_the_last_rays():
+    """The fixed-size packing (binary search, no host sync) against torch.nonzero."""
+    g = torch.Generator().manual_seed(1)
+    R, S = 9, 13
+    mask = torch.rand(R, S, generator=g) < 0.4
+    mask[4] = False
+    ray_ref, step_ref = mask.nonzero(as_tuple=True)
+    n = len(ray_ref)
+    ray, step, complete = common.pack_mask(mask, n + 5)              # room to spare: 5 dummies
+    assert torch.equal(ray[:n], ray_ref) and torch.equal(step[:n], step_ref) and complete.all()
+    assert torch.equal(ray[n:], R + torch.arange(n, n + 5)) and (step[n:] == 0).all()
+    cap = n - 7                                                      # too small: the last rays lose samples
+    ray, step, complete = common.pack_mask(mask, cap)
+    assert torch.equal(ray, ray_ref[:cap]) and torch.equal(step, step_ref[:cap])
+    assert torch.equal(complete, mask.sum(1).cumsum(0) <= cap)
+    assert complete[0] and not complete[-1]
