@@ -19,9 +19,9 @@ DEVIATION: the hash-grid field is pure PyTorch (no tiny-cuda-nn): dense/hashed l
 DEVIATION: the occupancy mask is dilated by one cell (never skips a cell next to seen density).
 DEVIATION: the nerf_10min preset trains the paper's MLP with 4096 rays a step at lr 1e-3 decaying 10x over
   30k steps (paper: 1024 rays, 5e-4 over 500k) and stops after 600 s (bench/RESULTS_nerf.md).
-DEVIATION: the ngp preset takes 2^19 samples a step (NGP: 2^18): here a step is bound by the host
-  (6.3 ms of GPU work in a 14.7 ms step on an H100), so twice the samples cost 15% more time and reach a
-  given PSNR sooner (bench/RESULTS_nerf.md).
+DEVIATION: the ngp preset takes 2^19 samples a step (NGP: 2^18): before CUDA graphs a step was bound by the
+  host (6.3 ms of GPU work in a 14.7 ms step on an H100), so twice the samples cost 15% more time and reached a
+  given PSNR sooner (bench/RESULTS_nerf.md; not re-measured with --cuda-graphs).
 """
 import argparse
 import math
@@ -50,10 +50,11 @@ PRESETS = {
     "nerf_10min": dict(field="mlp", iters=1_000_000, time_budget=600, batch_rays=4096, lr=1e-3,
                        lr_decay_steps=30_000, n_coarse=64, n_fine=128, precrop_iters=500, mesh_res=256, compile=True),
     # Instant-NGP: 16 levels x 2 features, T = 2^19, N_min 16, N_max 2048; 128^3 occupancy grid;
-    # random backgrounds. 2^19 samples a step (NGP: 2^18), which here buys more PSNR per second.
+    # random backgrounds; an average of the weights (decay 0.95) renders. 2^19 samples a step (NGP: 2^18), which
+    # here buys more PSNR per second; the training march replayed as CUDA graphs (119 against 75-83 it/s on an H100).
     "ngp": dict(field="hashgrid", iters=30_000, batch_rays=4096, lr=1e-2, lr_decay_steps=30_000,
                 n_levels=16, log2_table=19, base_res=16, max_res=2048, grid_res=128, n_steps=1024,
-                mesh_res=256, random_bkgd=True, compile=True, target_samples=2 ** 19),
+                mesh_res=256, random_bkgd=True, compile=True, target_samples=2 ** 19, cuda_graphs=True, ema_decay=0.95),
 }
 DEFAULTS = dict(
     data="data/still_life",   # Blender-format scene folder
@@ -62,8 +63,8 @@ DEFAULTS = dict(
     iters=1500,               # training iterations
     time_budget=0.0,          # stop after this many seconds of training (0: no limit)
     batch_rays=1024,          # rays per iteration (hashgrid: starting value, adapted to --target-samples)
-    target_samples=2 ** 18,   # hashgrid: samples evaluated with gradients a step (a fixed buffer; the ray batch adapts)
-    scan_ratio=4,             # hashgrid, early stop: the density-only pass's buffer, in units of --target-samples
+    target_samples=2 ** 18,   # hashgrid: samples evaluated with gradients a step (the ray batch adapts to it)
+    scan_ratio=4,             # --early-stop with --cuda-graphs: the density pass's buffer, in units of --target-samples
     lr=1e-2,                  # Adam learning rate
     lr_decay_steps=3000,      # lr decays by 10x over this many steps (exponentially)
     ema_decay=0.0,            # render with a moving average of the weights, this decay a step (NGP: 0.95; 0: off)
@@ -95,7 +96,7 @@ DEFAULTS = dict(
     ckpt_every=500,           # save a checkpoint every this many steps
     amp=True,                 # CUDA: bf16 autocast for the field's matrix products (rendering stays fp32)
     compile=False,            # CUDA: torch.compile the field and compositing (compile time is not training time)
-    cuda_graphs=False,        # CUDA + --compile: replay the training march as CUDA graphs (no launch overhead)
+    cuda_graphs=False,        # CUDA + --compile: replay the training march as CUDA graphs, in fixed-size sample buffers
 )
 
 
@@ -177,6 +178,7 @@ class Model(nn.Module):
             # NGP skips cells whose optical thickness sigma * dt is below 0.01
             self.grid = common.OccupancyGrid(aabb, cfg.grid_res, threshold=0.01 / self.dt)
             self.train_march = self.march                                       # compiled apart (train())
+            self.graphs = False           # train(): CUDA graphs on, so training packs into fixed-size buffers
 
     def density(self, x):
         return self.fine.density(x)[0] if self.cfg.field == "hashgrid" else self.fine(x, torch.zeros_like(x))[0]
@@ -248,7 +250,7 @@ def render(model, rays_o, rays_d, near, far, train: bool, bg=None):
     t_near = t_near.clamp(min=near)
     u = torch.rand(R, 1, device=rays_o.device) if train else torch.full((R, 1), 0.5, device=rays_o.device)
     if train:   # CUDA graphs: fixed-size sample buffers, so a step's shapes depend only on the ray count
-        cap, scan = (cfg.target_samples, cfg.scan_ratio * cfg.target_samples) if cfg.cuda_graphs else (None, None)
+        cap, scan = (cfg.target_samples, cfg.scan_ratio * cfg.target_samples) if model.graphs else (None, None)
         return model.train_march(rays_o, rays_d, t_near, t_far, u, 0, cfg.n_steps, bg, cfg.early_stop, cap, scan)
     # inference: march `seg` steps at a time; a ray stops once its transmittance is below T_MIN
     # (NGP Sec. 4, early ray termination). C = sum_k T_k C_k, T_{k+1} = T_k (1 - opacity_k).
@@ -312,12 +314,13 @@ def train(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True
     compiled = cfg.compile and device.type == "cuda"
     graphs = compiled and cfg.cuda_graphs and cfg.field == "hashgrid"
+    model.graphs = graphs
     grid_density = model.density                 # what the occupancy grid's refresh evaluates
     if compiled and cfg.field == "mlp":
         model.coarse.compile(dynamic=True)
         model.fine.compile(dynamic=True)
     elif compiled:   # the marcher: field + packed compositing; training's has static buffers (CUDA graphs)
-        model.train_march = torch.compile(model.march, dynamic=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
+        model.train_march = torch.compile(model.march, dynamic=True, mode="reduce-overhead" if graphs else None)
         model.march = torch.compile(model.march, dynamic=True)   # inference: graph break at nonzero
         grid_density = torch.compile(model.density)
     eps = 1e-15 if cfg.field == "hashgrid" else 1e-8
@@ -403,7 +406,8 @@ def train(cfg):
         sched.step()
         common.check_finite(loss, step)
         if ema:
-            torch._foreach_lerp_(ema, params, 1 - cfg.ema_decay)   # ema <- decay * ema + (1 - decay) * w
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1 - cfg.ema_decay)   # ema <- decay * ema + (1 - decay) * w
         # --- 5. occupancy grid refresh; adaptive batch (NGP): as many rays as fill --target-samples.
         #        With CUDA graphs every 16 steps, on a ladder of 2^(1/4) steps: each new shape records a graph ---
         if cfg.field == "hashgrid":
@@ -426,10 +430,12 @@ def train(cfg):
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(mse.item()):.2f}")
         if eval_at and elapsed >= eval_at[0]:
             # SSIM only at the end; with --ema-decay the trained weights are scored too (what the average buys)
-            raw = {"psnr_no_ema": evaluate(model, test_set, device, cfg.test_views, with_ssim=False)["psnr"]} if ema else {}
+            raw = evaluate(model, test_set, device, cfg.test_views, with_ssim=False) if ema else {}
             swap_ema()
-            res = {**evaluate(model, test_set, device, cfg.test_views, with_ssim=False), **raw}
+            res = evaluate(model, test_set, device, cfg.test_views, with_ssim=False)
             swap_ema()
+            if raw:
+                res["psnr_no_ema"] = raw["psnr"]
             curve.append({"seconds": round(elapsed, 2), "step": step, **res})
             bar.write(f"[{elapsed:6.1f}s, step {step}] test PSNR {res['psnr']:.2f} "
                       f"({res['eval_seconds']} s to evaluate)")

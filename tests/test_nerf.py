@@ -36,15 +36,21 @@ def test_short_run_learns_the_scene(tmp_path):
 
 
 def test_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path):
+    """With --ema-decay, so the averaged weights must come back from the checkpoint too."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run_nerf(a, "--iters", "24", "--ckpt-every", "1000")
-    run_nerf(b, "--iters", "10")
-    run_nerf(b, "--iters", "24", "--resume")
+    run_nerf(a, "--iters", "24", "--ckpt-every", "1000", "--ema-decay", "0.9")
+    run_nerf(b, "--iters", "10", "--ema-decay", "0.9")
+    run_nerf(b, "--iters", "24", "--resume", "--ema-decay", "0.9")
     sa = torch.load(a / "nerf" / "default" / "checkpoint.pt", weights_only=False)
     sb = torch.load(b / "nerf" / "default" / "checkpoint.pt", weights_only=False)
     assert sa["step"] == sb["step"] == 24
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
+    assert len(sa["ema"]) == len(sa["opt"]["param_groups"][0]["params"])   # one average per parameter
+    for ea, eb in zip(sa["ema"], sb["ema"]):
+        assert torch.equal(ea, eb)
+    table = sa["model"]["fine.grid.table"]                      # the first parameter: averaged, not the weights
+    assert sa["ema"][0].shape == table.shape and not torch.equal(sa["ema"][0], table)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
