@@ -40,11 +40,11 @@ def main():
     print("\n| field | " + " | ".join(f"PSNR@{s}s" for s in marks) + " | final PSNR | SSIM | iters | it/s | peak GB | device |")
     print("|---" * (len(marks) + 7) + "|")
     for field, m in rows:
-        curve = {c["seconds"]: c["psnr"] for c in m["curve"]}
         at = []
-        for s in marks:
-            got = [v for t, v in curve.items() if t >= s]
-            at.append(f"{got[0]:.2f}" if got else "-")
+        for s in marks:   # with --ema-decay: "averaged / trained weights"
+            got = [c for c in m["curve"] if c["seconds"] >= s]
+            raw = f" / {got[0]['psnr_no_ema']:.2f}" if got and "psnr_no_ema" in got[0] else ""
+            at.append(f"{got[0]['psnr']:.2f}{raw}" if got else "-")
         print(f"| {field} | " + " | ".join(at) + f" | {m['test']['psnr']:.2f} | {m['test']['ssim']:.4f} | {m['iterations']} "
               f"| {m['iters_per_second']} | {m.get('peak_memory_gb', '-')} | {m['device']} |")
 
