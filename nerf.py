@@ -19,9 +19,6 @@ DEVIATION: the hash-grid field is pure PyTorch (no tiny-cuda-nn): dense/hashed l
 DEVIATION: the occupancy mask is dilated by one cell (never skips a cell next to seen density).
 DEVIATION: the nerf_10min preset trains the paper's MLP with 4096 rays a step at lr 1e-3 decaying 10x over
   30k steps (paper: 1024 rays, 5e-4 over 500k) and stops after 600 s (bench/RESULTS_nerf.md).
-DEVIATION: the ngp preset takes 2^19 samples a step (NGP: 2^18): before CUDA graphs a step was bound by the
-  host (6.3 ms of GPU work in a 14.7 ms step on an H100), so twice the samples cost 15% more time and reached a
-  given PSNR sooner (bench/RESULTS_nerf.md; not re-measured with --cuda-graphs).
 """
 import argparse
 import math
@@ -51,11 +48,11 @@ PRESETS = {
     "nerf_10min": dict(field="mlp", iters=1_000_000, time_budget=600, batch_rays=4096, lr=1e-3,
                        lr_decay_steps=30_000, n_coarse=64, n_fine=128, precrop_iters=500, mesh_res=256, compile=True),
     # Instant-NGP: 16 levels x 2 features, T = 2^19, N_min 16, N_max 2048; 128^3 occupancy grid;
-    # random backgrounds; an average of the weights (decay 0.95) renders. 2^19 samples a step (NGP: 2^18), which
-    # here buys more PSNR per second; the training march replayed as CUDA graphs (119 against 75-83 it/s on an H100).
+    # random backgrounds; an average of the weights (decay 0.95) renders; 2^18 samples a step, as in NGP. The training
+    # march is replayed as CUDA graphs (206 it/s on an H100; 35.10 / 34.76 on lego after 120 s, seeds 0 / 1).
     "ngp": dict(field="hashgrid", iters=30_000, batch_rays=4096, lr=1e-2, lr_decay_steps=30_000,
                 n_levels=16, log2_table=19, base_res=16, max_res=2048, grid_res=128, n_steps=1024,
-                mesh_res=256, random_bkgd=True, compile=True, target_samples=2 ** 19, cuda_graphs=True, ema_decay=0.95),
+                mesh_res=256, random_bkgd=True, compile=True, target_samples=2 ** 18, cuda_graphs=True, ema_decay=0.95),
 }
 DEFAULTS = dict(
     data="data/still_life",   # Blender-format scene folder
