@@ -559,6 +559,19 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
+class ResBlock(nn.Module):
+    """A pre-norm residual block of the text-to-3D fields (Dream Fields' official MLP; DreamFusion's
+    --field mlp): x + W_down swish(W_up LayerNorm(x)), widening to 2x inside.
+    x (N, width) -> (N, width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.silu(self.up(self.norm(x))))
+
+
 # ================================================================================================
 # 5. Volume rendering
 # ================================================================================================
@@ -1714,25 +1727,45 @@ class DiffusionPrior:
 
 
 class ObjectField(nn.Module):
-    """Density and albedo from position only: Instant-NGP's hash grid + a 1-hidden-layer MLP.
+    """Density and albedo from position only. encoding "hashgrid": Instant-NGP's hash grid + a
+    1-hidden-layer MLP of `width`; "mlp": positional encoding (n_freqs) + a residual MLP of
+    `mlp_blocks` ResBlocks of width `mlp_width` (the kind of network DreamFusion's paper uses).
     log sigma = h_0 + blob_density exp(-|x|^2 / (2 blob_radius^2)) + density_bias (DreamFusion's
     density "blob", Sec. 3.1; blob_density 0 turns it off); albedo = sigmoid(h_1..3).
     Points live in the cube |x| <= 1. normals: "fd" (central differences of step fd_eps) or
     "autograd" (the exact gradient)."""
 
     def __init__(self, n_levels=8, log2_table=15, base_res=16, max_res=48, width=32, blob_density=5.0,
-                 blob_radius=0.3, density_bias=-2.0, normals="fd", fd_eps=0.03):
+                 blob_radius=0.3, density_bias=-2.0, normals="fd", fd_eps=0.03, encoding="hashgrid",
+                 n_freqs=4, mlp_width=64, mlp_blocks=2):
         super().__init__()
         if normals not in ("fd", "autograd"):
             raise UserError(f"--normals must be fd or autograd, not {normals!r}")
+        if encoding not in ("hashgrid", "mlp"):
+            raise UserError(f"--field must be hashgrid or mlp, not {encoding!r}")
         self.blob_density, self.blob_radius, self.density_bias = blob_density, blob_radius, density_bias
-        self.normal_mode, self.fd_eps = normals, fd_eps
-        self.grid = HashGrid(n_levels, 2, log2_table, base_res, max_res)
-        self.net = nn.Sequential(nn.Linear(self.grid.out_dim, width), nn.ReLU(), nn.Linear(width, 4))
+        self.normal_mode, self.fd_eps, self.encoding = normals, fd_eps, encoding
+        if encoding == "hashgrid":
+            self.grid = HashGrid(n_levels, 2, log2_table, base_res, max_res)
+            self.net = nn.Sequential(nn.Linear(self.grid.out_dim, width), nn.ReLU(), nn.Linear(width, 4))
+        else:
+            self.n_freqs = n_freqs
+            self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), mlp_width),
+                                     *[ResBlock(mlp_width) for _ in range(mlp_blocks)],
+                                     nn.LayerNorm(mlp_width), nn.Linear(mlp_width, 4))
+            # the output starts at zero, so the field starts as the blob alone (a hash grid's tiny initial
+            # table does the same); a random output layer starts a cloud of density that SDS can fill the cube with
+            nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 3) in the cube -> the MLP's input features (N, D)."""
+        if self.encoding == "hashgrid":
+            return self.grid((x + 1) / 2)
+        return positional_encoding(x, self.n_freqs)
 
     def log_density(self, x: torch.Tensor, h: torch.Tensor = None) -> torch.Tensor:
         """x (N, 3) -> log sigma (N,); h: the MLP's output (N, 4) if already computed."""
-        h = self.net(self.grid((x + 1) / 2)) if h is None else h
+        h = self.net(self.encode(x)) if h is None else h
         blob = self.blob_density * torch.exp(-(x ** 2).sum(-1) / (2 * self.blob_radius ** 2))
         return h[:, 0] + blob + self.density_bias
 
@@ -1740,11 +1773,11 @@ class ObjectField(nn.Module):
         return trunc_exp(self.log_density(x))
 
     def albedo(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(self.grid((x + 1) / 2))[:, 1:])
+        return torch.sigmoid(self.net(self.encode(x))[:, 1:])
 
     def forward(self, x: torch.Tensor):
         """x (N, 3) -> sigma (N,), albedo (N, 3)."""
-        h = self.net(self.grid((x + 1) / 2))
+        h = self.net(self.encode(x))
         return trunc_exp(self.log_density(x, h)), torch.sigmoid(h[:, 1:])
 
     def normals(self, x: torch.Tensor) -> torch.Tensor:

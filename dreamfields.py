@@ -153,17 +153,6 @@ def parse_args(argv=None):
 # ================================================================================================
 # The field: density and colour from position only (no view dependence), zero outside the cube
 # ================================================================================================
-class ResBlock(nn.Module):
-    """Official Dream Fields block: x + Dense(swish(Dense_2w(LayerNorm(x))))."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def forward(self, x):
-        return x + self.down(F.silu(self.up(self.norm(x))))
-
-
 class DreamField(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -175,7 +164,8 @@ class DreamField(nn.Module):
             self.grid = common.HashGrid(n_levels=8, n_features=2, log2_table=15, base_res=8, max_res=128)
             self.encode = lambda x: self.grid((x + 1) / 2)
             in_dim = self.grid.out_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, cfg.width), *[ResBlock(cfg.width) for _ in range(cfg.n_blocks)],
+        self.net = nn.Sequential(nn.Linear(in_dim, cfg.width),
+                                 *[common.ResBlock(cfg.width) for _ in range(cfg.n_blocks)],
                                  nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4))
         # --occupancy: Instant-NGP's grid of the density's moving maximum; renders skip its empty cells
         # NGP's rule: skip a cell whose optical thickness per sample, sigma * dt, stays below --grid-thickness;

@@ -77,8 +77,9 @@ def test_a_view_rendered_in_chunks_equals_one_pass():
 
 
 @pytest.mark.parametrize("mode", ["fd", "autograd"])
-def test_normals_of_the_blob_point_outwards(mode):
-    cfg = small_cfg("--normals", mode)
+@pytest.mark.parametrize("field", ["hashgrid", "mlp"])
+def test_normals_of_the_blob_point_outwards(mode, field):
+    cfg = small_cfg("--normals", mode, "--field", field)
     field = blob_only_field(cfg)
     x = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), dim=-1) * 0.3
     n = field.normals(x)
@@ -86,11 +87,42 @@ def test_normals_of_the_blob_point_outwards(mode):
     assert torch.allclose(n.norm(dim=-1), torch.ones(64), atol=1e-5)
 
 
-def test_fd_normals_carry_gradient_to_the_field():
-    cfg = small_cfg()
-    field = df.build_field(cfg)
+@pytest.mark.parametrize("kind", ["hashgrid", "mlp"])
+def test_fd_normals_carry_gradient_to_the_field(kind):
+    field = df.build_field(small_cfg("--field", kind))
     field.normals(torch.rand(32, 3) - 0.5)[:, 0].sum().backward()
-    assert field.grid.table.grad.abs().sum() > 0
+    param = field.grid.table if kind == "hashgrid" else field.net[-1].weight   # (the MLP's output starts at 0)
+    assert param.grad.abs().sum() > 0
+
+
+def test_mlp_field_against_the_explicit_formula():
+    """--field mlp: h = W_out LN(block(...block(W_in gamma(x)))), block(z) = z + W_d swish(W_u LN(z))."""
+    torch.manual_seed(0)
+    cfg = small_cfg("--field", "mlp", "--n-freqs", "3", "--mlp-width", "8", "--mlp-blocks", "2")
+    field = df.build_field(cfg)
+    x = torch.rand(5, 3) * 2 - 1
+    blob = cfg.blob_density * torch.exp(-(x ** 2).sum(-1) / (2 * cfg.blob_radius ** 2))
+    with torch.no_grad():
+        assert torch.allclose(field.density(x), torch.exp(blob + cfg.density_bias))   # starts as the blob alone
+        torch.nn.init.normal_(field.net[-1].weight), torch.nn.init.normal_(field.net[-1].bias)
+
+    def layer_norm(z, ln):                    # (z - mean) / sqrt(var + eps) * gamma + beta, biased variance
+        mu, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+        return (z - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+    def linear(z, lin):
+        return z @ lin.weight.T + lin.bias
+
+    xk = (x[:, None, :] * 2.0 ** torch.arange(3)[:, None]).flatten(1)       # (5, 9): x_c 2^k, k-major
+    enc = torch.cat([x, torch.sin(xk), torch.cos(xk)], -1)                   # gamma(x), NeRF Eq. 4
+    z = linear(enc, field.net[0])
+    for blk in field.net[1:3]:
+        u = linear(layer_norm(z, blk.norm), blk.up)
+        z = z + linear(u * torch.sigmoid(u), blk.down)
+    h = linear(layer_norm(z, field.net[3]), field.net[4])
+    sigma, albedo = field(x)
+    assert torch.allclose(sigma, torch.exp(h[:, 0] + blob + cfg.density_bias), rtol=1e-5)
+    assert torch.allclose(albedo, torch.sigmoid(h[:, 1:]), atol=1e-6)
 
 
 def test_orientation_loss_on_a_hand_made_case():
