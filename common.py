@@ -572,6 +572,12 @@ class ResBlock(nn.Module):
         return x + self.down(F.silu(self.up(self.norm(x))))
 
 
+def residual_mlp(in_dim: int, width: int, n_blocks: int, out_dim: int = 4) -> nn.Sequential:
+    """Dense -> n_blocks ResBlocks -> LayerNorm -> Dense: (N, in_dim) -> (N, out_dim)."""
+    return nn.Sequential(nn.Linear(in_dim, width), *[ResBlock(width) for _ in range(n_blocks)],
+                         nn.LayerNorm(width), nn.Linear(width, out_dim))
+
+
 # ================================================================================================
 # 5. Volume rendering
 # ================================================================================================
@@ -1750,9 +1756,7 @@ class ObjectField(nn.Module):
             self.net = nn.Sequential(nn.Linear(self.grid.out_dim, width), nn.ReLU(), nn.Linear(width, 4))
         else:
             self.n_freqs = n_freqs
-            self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), mlp_width),
-                                     *[ResBlock(mlp_width) for _ in range(mlp_blocks)],
-                                     nn.LayerNorm(mlp_width), nn.Linear(mlp_width, 4))
+            self.net = residual_mlp(3 * (2 * n_freqs + 1), mlp_width, mlp_blocks)
             # the output starts at zero, so the field starts as the blob alone (a hash grid's tiny initial
             # table does the same); a random output layer starts a cloud of density that SDS can fill the cube with
             nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)

@@ -164,9 +164,7 @@ class DreamField(nn.Module):
             self.grid = common.HashGrid(n_levels=8, n_features=2, log2_table=15, base_res=8, max_res=128)
             self.encode = lambda x: self.grid((x + 1) / 2)
             in_dim = self.grid.out_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, cfg.width),
-                                 *[common.ResBlock(cfg.width) for _ in range(cfg.n_blocks)],
-                                 nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4))
+        self.net = common.residual_mlp(in_dim, cfg.width, cfg.n_blocks)
         # --occupancy: Instant-NGP's grid of the density's moving maximum; renders skip its empty cells
         # NGP's rule: skip a cell whose optical thickness per sample, sigma * dt, stays below --grid-thickness;
         # dt = the widest spacing, a ray along the cube's diagonal (2 sqrt(3) / n_samples)
