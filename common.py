@@ -469,6 +469,11 @@ def positional_encoding(x: torch.Tensor, n_freqs: int, include_input: bool = Tru
     return torch.cat(([x] if include_input else []) + out, dim=-1)
 
 
+def positional_encoding_dim(n_freqs: int, channels: int = 3) -> int:
+    """Width of positional_encoding's output (with the input): C (2 L + 1)."""
+    return channels * (2 * n_freqs + 1)
+
+
 def sh_encoding(d: torch.Tensor) -> torch.Tensor:
     """Real spherical harmonics of degree 4 (bands 0..3, 16 values) of unit directions (..., 3)."""
     x, y, z = d.unbind(-1)
@@ -1756,7 +1761,7 @@ class ObjectField(nn.Module):
             self.net = nn.Sequential(nn.Linear(self.grid.out_dim, width), nn.ReLU(), nn.Linear(width, 4))
         else:
             self.n_freqs = n_freqs
-            self.net = residual_mlp(3 * (2 * n_freqs + 1), mlp_width, mlp_blocks)
+            self.net = residual_mlp(positional_encoding_dim(n_freqs), mlp_width, mlp_blocks)
             # the output starts at zero, so the field starts as the blob alone (a hash grid's tiny initial
             # table does the same); a random output layer starts a cloud of density that SDS can fill the cube with
             nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
@@ -1805,7 +1810,7 @@ class Background(nn.Module):
     def __init__(self, n_freqs: int = 2, width: int = 16):
         super().__init__()
         self.n_freqs = n_freqs
-        self.net = nn.Sequential(nn.Linear(3 * (2 * n_freqs + 1), width), nn.ReLU(), nn.Linear(width, 3))
+        self.net = nn.Sequential(nn.Linear(positional_encoding_dim(n_freqs), width), nn.ReLU(), nn.Linear(width, 3))
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(positional_encoding(F.normalize(d, dim=-1), self.n_freqs)))

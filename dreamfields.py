@@ -159,7 +159,7 @@ class DreamField(nn.Module):
         self.cfg = cfg
         if cfg.field == "mlp":   # Dense -> residual blocks -> LayerNorm -> Dense(4)
             self.encode = lambda x: common.positional_encoding(x, cfg.n_freqs)
-            in_dim = 3 * (2 * cfg.n_freqs + 1)
+            in_dim = common.positional_encoding_dim(cfg.n_freqs)
         else:                    # multiresolution hash grid over the cube
             self.grid = common.HashGrid(n_levels=8, n_features=2, log2_table=15, base_res=8, max_res=128)
             self.encode = lambda x: self.grid((x + 1) / 2)

@@ -121,7 +121,7 @@ class NeRFMLP(nn.Module):
     def __init__(self, pe_xyz=10, pe_dir=4, width=256, depth=8, skip=4):
         super().__init__()
         self.pe_xyz, self.pe_dir, self.skip = pe_xyz, pe_dir, skip
-        in_xyz, in_dir = 3 * (2 * pe_xyz + 1), 3 * (2 * pe_dir + 1)            # 63, 27
+        in_xyz, in_dir = common.positional_encoding_dim(pe_xyz), common.positional_encoding_dim(pe_dir)  # 63, 27
         self.layers = nn.ModuleList(
             [nn.Linear(in_xyz if i == 0 else width + (in_xyz if i == skip + 1 else 0), width) for i in range(depth)])
         self.sigma = nn.Linear(width, 1)

@@ -77,9 +77,9 @@ def test_a_view_rendered_in_chunks_equals_one_pass():
 
 
 @pytest.mark.parametrize("mode", ["fd", "autograd"])
-@pytest.mark.parametrize("field", ["hashgrid", "mlp"])
-def test_normals_of_the_blob_point_outwards(mode, field):
-    cfg = small_cfg("--normals", mode, "--field", field)
+@pytest.mark.parametrize("kind", ["hashgrid", "mlp"])
+def test_normals_of_the_blob_point_outwards(mode, kind):
+    cfg = small_cfg("--normals", mode, "--field", kind)
     field = blob_only_field(cfg)
     x = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), dim=-1) * 0.3
     n = field.normals(x)
