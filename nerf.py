@@ -49,8 +49,8 @@ PRESETS = {
                        lr_decay_steps=30_000, n_coarse=64, n_fine=128, precrop_iters=500, mesh_res=256, compile=True),
     # Instant-NGP: 16 levels x 2 features, T = 2^19, N_min 16, N_max 2048; 128^3 occupancy grid;
     # random backgrounds; an average of the weights (decay 0.95) renders; 2^18 samples a step, as in NGP. The training
-    # march is replayed as CUDA graphs (179-223 it/s on an H100; on lego after 120 s
-    # 34.76-35.10 in six runs at seeds 0-3, mean 34.95).
+    # march is replayed as CUDA graphs (178-223 it/s on an H100; on lego after 120 s
+    # 34.76-35.10 in seven runs at seeds 0-3, mean 34.93).
     "ngp": dict(field="hashgrid", iters=30_000, batch_rays=4096, lr=1e-2, lr_decay_steps=30_000,
                 n_levels=16, log2_table=19, base_res=16, max_res=2048, grid_res=128, n_steps=1024,
                 mesh_res=256, random_bkgd=True, compile=True, target_samples=2 ** 18, cuda_graphs=True, ema_decay=0.95),
