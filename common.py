@@ -1270,7 +1270,8 @@ def check_toy_prompt(prompt: str, vocab_words: list, real_flag: str):
     words = re.findall(r"[a-z]+", prompt.lower())
     unknown = [w for w in dict.fromkeys(words) if w not in vocab_words]
     if unknown or not words:
-        what = f"the words {', '.join(repr(w) for w in unknown)} are" if unknown else "an empty prompt is"
+        what = ("an empty prompt is" if not unknown else f"the word {unknown[0]!r} is" if len(unknown) == 1
+                else f"the words {', '.join(repr(w) for w in unknown)} are")
         raise UserError(f"prompt {prompt!r}: {what} outside the toy vocabulary "
                         f"({' '.join(vocab_words)}); for other prompts pass a real model with {real_flag}")
 
