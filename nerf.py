@@ -79,6 +79,7 @@ DEFAULTS = dict(
     precrop_iters=0,          # sample rays only from the central 50% for this many first steps
     # --- Instant-NGP field ---
     n_levels=8,               # hash-grid levels L
+    n_features=2,             # features per level F (NGP: 2; its paper trades L against F)
     log2_table=16,            # log2 of the hash table size T per level
     base_res=8,               # coarsest grid resolution N_min
     max_res=512,              # finest grid resolution N_max
@@ -141,10 +142,10 @@ class NeRFMLP(nn.Module):
 # Instant-NGP field (NGP Sec. 3-4): hash grid -> 1x64 MLP -> 16 features (first = log density);
 # features + SH(direction) -> 2x64 MLP -> rgb.
 class NGPField(nn.Module):
-    def __init__(self, bound, n_levels, log2_table, base_res, max_res):
+    def __init__(self, bound, n_levels, n_features, log2_table, base_res, max_res):
         super().__init__()
         self.bound = bound
-        self.grid = common.HashGrid(n_levels, 2, log2_table, base_res, max_res)
+        self.grid = common.HashGrid(n_levels, n_features, log2_table, base_res, max_res)
         self.sigma_net = nn.Sequential(nn.Linear(self.grid.out_dim, 64), nn.ReLU(), nn.Linear(64, 16))
         self.color_net = nn.Sequential(nn.Linear(15 + 16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                                        nn.Linear(64, 3))
@@ -172,7 +173,7 @@ class Model(nn.Module):
         if cfg.field == "mlp":
             self.coarse, self.fine = NeRFMLP(cfg.pe_xyz, cfg.pe_dir), NeRFMLP(cfg.pe_xyz, cfg.pe_dir)
         else:
-            self.fine = NGPField(cfg.bound, cfg.n_levels, cfg.log2_table, cfg.base_res, cfg.max_res)
+            self.fine = NGPField(cfg.bound, cfg.n_levels, cfg.n_features, cfg.log2_table, cfg.base_res, cfg.max_res)
             self.dt = 2 * cfg.bound * math.sqrt(3) / cfg.n_steps                  # marching step
             # NGP skips cells whose optical thickness sigma * dt is below 0.01
             self.grid = common.OccupancyGrid(aabb, cfg.grid_res, threshold=0.01 / self.dt)
