@@ -1270,8 +1270,8 @@ def check_toy_prompt(prompt: str, vocab_words: list, real_flag: str):
     words = re.findall(r"[a-z]+", prompt.lower())
     unknown = [w for w in dict.fromkeys(words) if w not in vocab_words]
     if unknown or not words:
-        what = ("an empty prompt is" if not unknown else f"the word {unknown[0]!r} is" if len(unknown) == 1
-                else f"the words {', '.join(repr(w) for w in unknown)} are")
+        names = ", ".join(repr(w) for w in unknown)
+        what = {0: "an empty prompt is", 1: f"the word {names} is"}.get(len(unknown), f"the words {names} are")
         raise UserError(f"prompt {prompt!r}: {what} outside the toy vocabulary "
                         f"({' '.join(vocab_words)}); for other prompts pass a real model with {real_flag}")
 
